@@ -1,0 +1,196 @@
+"""model.py: the policy side of StAR: load a Qwen-VL checkpoint (or build a tiny one), write the
+prompt, parse the answer, map coordinates back to the original image (SPEC §1-3).
+
+The segmenter side (SAM, the embedding cache) is in segment.py.
+Tested by: python -m pytest tests/test_model.py
+"""
+import ast, json, math, os, re
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------- prompts (SPEC §2)
+# Our own wording. {question} is the normalised query. A released checkpoint should be evaluated
+# with the prompt it was trained on: pass --prompt-file, or ship prompt.txt in the checkpoint dir.
+PROMPT = ('Please find "{question}" in the image. Think step by step inside <think> </think> tags: '
+          '{reason}Then give every matching object inside <answer> </answer> tags as a JSON list, one '
+          'entry per object with a short "label", a bounding box "bbox_2d" [x1,y1,x2,y2] and a point '
+          '"point_2d" [x,y] inside the object. Return ALL matching objects.{empty} Example: <answer>'
+          '[{{"label": "cup", "bbox_2d": [10,20,60,90], "point_2d": [35,55]}}, {{"label": "cup", '
+          '"bbox_2d": [70,20,120,90], "point_2d": [95,55]}}]</answer>')
+REASON = 'first work out what the query refers to, then find it in the image. '
+EMPTY = ' If nothing matches, answer <answer>[]</answer>.'
+TEMPLATES = {  # stage 1 grounds; stage 2 and evaluation add the reasoning hint; eval the empty case
+    'stage1': PROMPT.format(question='{question}', reason='', empty=''),
+    'stage2': PROMPT.format(question='{question}', reason=REASON, empty=''),
+    'eval': PROMPT.format(question='{question}', reason=REASON, empty=EMPTY),
+}
+
+
+def normalize_query(q):
+    """Lower-case and drop trailing . ? ! and quotes (SPEC §2)."""
+    return q.strip().lower().rstrip('.?!" ').strip()
+
+
+def build_prompt(question, template):
+    if '{question}' not in template:
+        raise ValueError('prompt template has no {question} placeholder')
+    return template.replace('{question}', normalize_query(question))
+
+
+def load_template(path_or_name, ckpt_dir=None):
+    """A template name ('stage1'|'stage2'|'eval'), a text file, or the checkpoint's own prompt.txt."""
+    if path_or_name in TEMPLATES:
+        own = os.path.join(ckpt_dir or '', 'prompt.txt')
+        return open(own).read() if ckpt_dir and os.path.isfile(own) else TEMPLATES[path_or_name]
+    if not os.path.isfile(path_or_name):
+        raise FileNotFoundError(f'--prompt-file {path_or_name}: no such file')
+    text = open(path_or_name).read()
+    build_prompt('x', text)  # fails early, naming the problem, if {question} is missing
+    return text
+
+
+# ----------------------------------------------------------------------------- answers (SPEC §2)
+_ANSWER = re.compile(r'<answer>(.*?)</answer>', re.S)
+_TRAILING_COMMA = re.compile(r',\s*([\]}])')
+
+
+def _load_json_ish(s):
+    """JSON first, then JSON without trailing commas, then a Python literal (single quotes)."""
+    s = s.strip()
+    if s.startswith('```'):
+        s = re.sub(r'^```[a-zA-Z]*|```$', '', s).strip()
+    for attempt in (lambda: json.loads(s), lambda: json.loads(_TRAILING_COMMA.sub(r'\1', s)),
+                    lambda: ast.literal_eval(s)):
+        try:
+            return attempt()
+        except Exception:  # noqa: BLE001 - anything the model writes must fail softly
+            continue
+    return None
+
+
+def _numbers(v, n):
+    if isinstance(v, (list, tuple)) and len(v) == n and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+        return [float(x) for x in v]
+    return None
+
+
+def parse_answer(text):
+    """Model output -> list of {'label', 'bbox_2d', 'point_2d'} (invalid fields None), [] for
+    "no object", or None when nothing parsable is there. Never raises."""
+    try:
+        if not isinstance(text, str) or len(text) > 100_000:
+            return None
+        m = _ANSWER.search(text)
+        if m:
+            body = m.group(1)
+        else:  # no tags: take the last bracketed block, if any
+            starts = [i for i in (text.rfind('['), text.rfind('{')) if i >= 0]
+            if not starts:
+                return None
+            body = text[min(starts):]
+        obj = _load_json_ish(body)
+        if isinstance(obj, dict):
+            obj = [obj]
+        if not isinstance(obj, (list, tuple)):
+            return None
+        out = []
+        for o in obj:
+            if not isinstance(o, dict):
+                continue
+            label = o.get('label')
+            out.append({'label': label.strip() if isinstance(label, str) and label.strip() else None,
+                        'bbox_2d': _numbers(o.get('bbox_2d'), 4),
+                        'point_2d': _numbers(o.get('point_2d'), 2)})
+        return out if out or len(obj) == 0 else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ----------------------------------------------------------------------------- coordinates (SPEC §3)
+def coord_scale(objects, input_wh, coord_mode):
+    """Size of the space the model's numbers live in: the input image (pixel), 1000 (Qwen3-VL
+    grid), 1 (unit), or 'auto' = inferred from the largest value like the reference does."""
+    if coord_mode == 'pixel':
+        return input_wh
+    if coord_mode == 'grid1000':
+        return (1000.0, 1000.0)
+    if coord_mode == 'unit':
+        return (1.0, 1.0)
+    if coord_mode != 'auto':
+        raise ValueError(f'coord_mode must be pixel|grid1000|unit|auto, got {coord_mode!r}')
+    vals = [v for o in objects for k in ('bbox_2d', 'point_2d') if o.get(k) for v in o[k]]
+    top = max(vals, default=0.0)
+    return (1.0, 1.0) if top <= 1.2 else (1000.0, 1000.0) if top <= 1000.5 else input_wh
+
+
+def _half_up(v):
+    return int(math.floor(v + 0.5))
+
+
+def to_original(objects, orig_wh, input_wh, coord_mode='pixel'):
+    """Model-space objects -> original-pixel objects: scale (round half up), clamp to the image,
+    order corners, keep boxes at least 1 px. Missing fields stay None."""
+    W, H = orig_wh
+    sw, sh = coord_scale(objects, input_wh, coord_mode)
+    fx, fy = W / sw, H / sh
+    out = []
+    for o in objects:
+        box, pt = o.get('bbox_2d'), o.get('point_2d')
+        if box is not None:
+            x1, x2 = sorted(min(max(_half_up(v * fx), 0), W - 1) for v in (box[0], box[2]))
+            y1, y2 = sorted(min(max(_half_up(v * fy), 0), H - 1) for v in (box[1], box[3]))
+            if x2 == x1:
+                x1, x2 = (x1, x1 + 1) if x1 + 1 < W else (x1 - 1, x1)
+            if y2 == y1:
+                y1, y2 = (y1, y1 + 1) if y1 + 1 < H else (y1 - 1, y1)
+            box = [x1, y1, x2, y2]
+        if pt is not None:
+            pt = [min(max(_half_up(pt[0] * fx), 0), W - 1), min(max(_half_up(pt[1] * fy), 0), H - 1)]
+        out.append({**o, 'bbox_2d': box, 'point_2d': pt})
+    return out
+
+
+def to_model(xy, orig_wh, input_wh):
+    """Original-pixel coordinates (..., 2k) -> model input pixels, rounded (for teacher targets)."""
+    xy = np.asarray(xy, float)
+    scale = np.tile([input_wh[0] / orig_wh[0], input_wh[1] / orig_wh[1]], xy.shape[-1] // 2)
+    return np.floor(xy * scale + 0.5).astype(int)
+
+
+# ----------------------------------------------------------------------------- loading (SPEC §1)
+def load_policy(path, dtype=None, device='cpu'):
+    """Any local Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint dir -> (model, processor)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f'model checkpoint {path!r} is not a directory')
+    files = os.listdir(path)
+    if 'config.json' not in files:
+        raise FileNotFoundError(f'model checkpoint {path!r} has no config.json')
+    if not any(f.endswith(('.safetensors', '.bin')) for f in files):
+        raise FileNotFoundError(f'model checkpoint {path!r} has no weights (*.safetensors / *.bin)')
+    if not any(f.startswith(('tokenizer', 'vocab')) for f in files):
+        raise FileNotFoundError(f'model checkpoint {path!r} has no tokenizer files')
+    dtype = dtype or (torch.bfloat16 if str(device).startswith('cuda') else torch.float32)
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = 'left'  # generation appends on the right
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    return model, processor
+
+
+def default_coord_mode(model):
+    return 'auto' if 'qwen3' in model.config.model_type else 'pixel'
+
+
+def make_inputs(processor, images, prompts, answers=None):
+    """Chat-format a batch: images (PIL, already at model-input size), prompt strings, and
+    optionally teacher answers appended after the generation prompt. -> BatchFeature (B, T)."""
+    texts = []
+    for i, p in enumerate(prompts):
+        msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': p}]}]
+        t = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        texts.append(t if answers is None else t + answers[i] + '<|im_end|>')
+    return processor(text=texts, images=list(images), padding=True, return_tensors='pt')
+
+
+from tiny import build_tiny_policy  # noqa: E402,F401  (re-exported: model.build_tiny_policy)
