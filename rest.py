@@ -1,0 +1,56 @@
+"""rest.py: REST, Rollout-Expanded Selective-Tuning (SPEC §9). Sample N rollouts per prompt, score
+them all, and train on only M of them: the M//2 best and the M - M//2 worst. A large N makes it
+likelier that a hard prompt has at least one success to learn from, while the update costs the same
+as plain GRPO with M rollouts.
+
+The caller computes advantages over the kept subset only:
+    idx = select(rewards, m)                                    # (B, M)
+    adv = grpo.group_advantages(rewards.gather(1, idx))         # (B, M)
+Tested by: python -m pytest tests/test_rest.py
+"""
+import torch
+
+from grpo import group_advantages
+
+
+def select(rewards, m):
+    """(B, N) rewards -> (B, min(N, m)) LongTensor of the rollouts to keep, per prompt (SPEC §9).
+
+    N > m: the m//2 highest rewards, then the m - m//2 lowest, best first. Both halves come from one
+    stable descending sort (ties: lower rollout index ranks higher), so no rollout can be picked
+    twice, even when everything ties. N <= m: keep all N (there is nothing to select), in the same
+    best-first order. The order never matters to the advantages; it only makes runs reproducible.
+    """
+    rewards = torch.as_tensor(rewards)
+    n = rewards.shape[1]
+    order = torch.sort(rewards, dim=1, descending=True, stable=True).indices  # (B, N) best first
+    if n <= m:
+        return order
+    hi, lo = m // 2, m - m // 2
+    return torch.cat([order[:, :hi], order[:, n - lo:]], dim=1)  # (B, m), disjoint halves
+
+
+def rest_stats(rewards, idx, m, success):
+    """What REST did in one step, as floats for the training log.
+
+    rewards: (B, N) totals; idx: (B, M') from select; success: (B, N) bool "correct" rollouts
+    (SPEC §5: matched mean tier >= 2), in sampling order.
+      any_success_all / any_success_first_m: fraction of prompts with at least one success among
+        all N rollouts vs among the first m sampled (= what plain GRPO with m rollouts would see);
+        the difference is the point of REST.
+      abs_adv: mean |advantage| over the kept rollouts (advantages over the kept subset only).
+      reward_gap: mean kept-top reward minus mean kept-bottom reward (halves as select orders them).
+      flat_groups: fraction of prompts whose kept rewards all tie (they contribute no gradient).
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    success = torch.as_tensor(success, dtype=torch.bool, device=rewards.device)
+    kept = rewards.gather(1, idx)  # (B, M')
+    half = kept.shape[1] // 2  # = m//2 when N > m; select puts the top half first
+    gap = kept[:, :half].mean(1) - kept[:, half:].mean(1) if half else torch.zeros(len(kept))
+    return {
+        'rest_any_success_all': success.any(1).float().mean().item(),
+        'rest_any_success_first_m': success[:, :m].any(1).float().mean().item(),
+        'rest_abs_adv': group_advantages(kept).abs().mean().item(),
+        'rest_reward_gap': gap.mean().item(),
+        'rest_flat_groups': (kept == kept[:, :1]).all(1).float().mean().item(),
+    }

@@ -1,0 +1,191 @@
+"""Tests for vote.py (SPEC §10): hand-built voting cases, and a straightforward numpy reference
+(IoU of each candidate against each cluster's first member, in python loops) that must give the
+identical mask on many random sample sets. bench.py may import reference_vote / random_samples.
+Run: python -m pytest -q tests/test_vote.py
+"""
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import vote
+from vote import majority_vote, pairwise_iou
+
+
+def np_iou(a, b):
+    return np.logical_and(a, b).sum() / (np.logical_or(a, b).sum() + 1e-6)
+
+
+def reference_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0.2,
+                   agg='best', pixel_thresh=0.5, shape=None):
+    """The SPEC §10 rule written the plain way. Returns (mask or None, [(members, votes, kept)])."""
+    objs = [(i, j, np.asarray(m, bool), s) for i, smp in enumerate(samples) if smp
+            for j, (m, s, _) in enumerate(smp)]
+    shape = objs[0][2].shape if objs else shape
+    empty = None if shape is None else np.zeros(shape, bool)
+    valid = [s for s in samples if s is not None]
+    if not valid or sum(len(s) == 0 for s in valid) / len(valid) >= no_object_thresh:
+        return empty, []
+    k_hat = Counter(len(s) for s in valid if s).most_common(1)[0][0]  # ties: first encountered
+    clusters = []
+    for o in objs:
+        for c in clusters:
+            if np_iou(c[0][2], o[2]) >= cluster_iou:
+                c.append(o)
+                break
+        else:
+            clusters.append([o])
+    votes = [len({o[0] for o in c}) for c in clusters]
+    means = [np.mean([o[3] for o in c]) for c in clusters]
+    alive = [k for k in range(len(clusters)) if votes[k] / len(valid) >= vote_ratio]
+    alive = alive or list(range(len(clusters)))
+    top = sorted(alive, key=lambda k: (-votes[k], -means[k]))[:k_hat]
+    out = empty.copy()
+    for k in top:
+        c = clusters[k]
+        if agg == 'best':
+            out |= sorted(c, key=lambda o: (-o[3], -o[2].sum()))[0][2]
+        else:
+            w = [o[3] for o in c] if sum(o[3] for o in c) > 0 else [1.0] * len(c)
+            acc = np.zeros(shape)
+            for o, wk in zip(c, w):
+                acc += o[2] * wk
+            out |= acc / sum(w) >= pixel_thresh
+    return out, [([o[:2] for o in c], votes[k], k in top) for k, c in enumerate(clusters)]
+
+
+def rect(h, w, y0, x0, y1, x1):
+    m = torch.zeros(h, w, dtype=torch.bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def random_samples(rng, n, h, w, max_objs=3):
+    """n samples around a few random base objects (rectangles / ellipses), jittered by a pixel or
+    two so that cluster IoUs fall on both sides of 0.85, with spurious objects, [] and None."""
+    yy, xx = np.mgrid[:h, :w]
+    def shape_mask(y, x, ry, rx, ellipse):
+        if ellipse:
+            return ((yy - y) / ry) ** 2 + ((xx - x) / rx) ** 2 <= 1
+        return (abs(yy - y) <= ry) & (abs(xx - x) <= rx)
+    bases = [(rng.uniform(0, h), rng.uniform(0, w), rng.uniform(2, h / 3), rng.uniform(2, w / 3),
+              rng.random() < 0.5) for _ in range(rng.randint(1, 4))]
+    out = []
+    for _ in range(n):
+        u = rng.random()
+        if u < 0.12:
+            out.append(None)
+        elif u < 0.3:
+            out.append([])
+        else:
+            objs = []
+            for _ in range(rng.randint(1, max_objs)):
+                y, x, ry, rx, e = rng.choice(bases) if rng.random() < 0.8 else \
+                    (rng.uniform(0, h), rng.uniform(0, w), rng.uniform(1, 6), rng.uniform(1, 6), 0)
+                j = lambda: rng.choice([0, 0, 0, 1, -1, 2])
+                m = shape_mask(y + j(), x + j(), ry + j() / 2, rx + j() / 2, e)
+                objs.append((torch.from_numpy(m) if rng.random() < 0.5 else m,
+                             rng.choice([rng.random(), round(rng.random() * 4) / 4]),
+                             rng.choice(['cup', 'mug'])))
+            out.append(objs)
+    return out
+
+
+def test_pairwise_iou_matches_numpy_loop(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    masks = list(torch.rand(7, 13, 11, generator=g) > torch.rand(7, 1, 1, generator=g))
+    masks += [torch.zeros(13, 11, dtype=torch.bool), masks[2].clone()]  # empty; duplicate
+    ref = np.array([[np_iou(a.numpy(), b.numpy()) for b in masks] for a in masks])
+    for chunk in (vote.CPU_CHUNK, 5):  # one block, and ragged multi-block accumulation
+        monkeypatch.setattr(vote, 'CPU_CHUNK', chunk)
+        iou, area = pairwise_iou(masks)
+        assert iou.dtype == torch.float64 and np.array_equal(iou.numpy(), ref)
+        assert area.tolist() == [int(m.sum()) for m in masks]
+
+
+H, W = 16, 40
+A, B, C, D = rect(H, W, 0, 0, 8, 8), rect(H, W, 0, 20, 8, 28), rect(H, W, 10, 0, 16, 6), \
+    rect(H, W, 10, 30, 16, 38)
+
+
+def test_no_object_majority_and_abstentions():
+    o = [(A, 0.9, 'a')]
+    mask, clusters, reason = majority_vote([[], [], None, None, None, o])  # 2 of 3 valid say empty
+    assert not mask.any() and mask.shape == (H, W) and clusters == [] and 'no-object' in reason
+    assert not majority_vote([[], o, o, []])[0].any()  # exactly half: >= 0.5 is empty
+    # unparsable samples abstain: 1 of 3 valid says empty, so the object wins (None is not a vote)
+    mask, clusters, _ = majority_vote([None, None, None, o, o, []])
+    assert torch.equal(mask, A) and clusters[0]['votes'] == 2
+    assert majority_vote([None, None])[0] is None  # nothing to take a shape from
+    assert majority_vote([None, []], shape=(3, 4))[0].shape == (3, 4)
+
+
+def test_spurious_masks_dropped_by_vote_ratio():
+    s = [[(A, .8, 'a'), (B, .9, 'b')], [(A, .8, 'a'), (B, .9, 'b')], [(A, .8, 'a'), (C, .99, 'c')],
+         [(A, .8, 'a'), (B, .9, 'b')], [(A, .8, 'a'), (D, .99, 'd')], []]
+    mask, clusters, reason = majority_vote(s)  # K̂ = 2; C and D have 1/6 < 0.2 of the votes
+    assert torch.equal(mask, A | B) and '2 below' in reason
+    assert [(c['votes'], c['kept'], c['label']) for c in clusters] == \
+        [(5, True, 'a'), (3, True, 'b'), (1, False, 'c'), (1, False, 'd')]
+    # K̂ = 2 but only A survives the ratio: the output has one object, not A + a spurious one
+    s = [[(A, .8, 'a'), (m, .99, 'x')] for m in (B, C, D, B | C, C | D, B | D)]
+    assert torch.equal(majority_vote(s)[0], A)
+    assert torch.equal(majority_vote(s, vote_ratio=0.0)[0], A | B)  # without it: first 1-vote one
+
+
+def test_all_clusters_below_ratio_keeps_all():
+    singles = [A, B, C, D, A | D, B | C]
+    s = [[(m, sc, 'x')] for m, sc in zip(singles, [.5, .6, .95, .7, .8, .9])]
+    mask, clusters, reason = majority_vote(s)  # each has 1/6 < 0.2 of the votes: keep all, by score
+    assert torch.equal(mask, C) and 'all below' in reason and sum(c['kept'] for c in clusters) == 1
+
+
+def test_best_vs_consensus():
+    m1, m2, m3 = rect(4, 40, 0, 0, 4, 20), rect(4, 40, 0, 0, 4, 22), rect(4, 40, 0, 1, 4, 21)
+    s = [[(m1, .9, 'a')], [(m2, .8, 'a')], [(m3, .7, 'a')]]
+    assert torch.equal(majority_vote(s)[0], m1)
+    # by hand: col 0 has .9+.8 of 2.4, cols 1-19 all, col 20 .8+.7, col 21 only .8/2.4 < 0.5
+    assert torch.equal(majority_vote(s, agg='consensus')[0], rect(4, 40, 0, 0, 4, 21))
+    s[1] = [(m2, .9, 'a')]  # equal best scores: the larger mask wins
+    assert torch.equal(majority_vote(s)[0], m2)
+
+
+def test_votes_count_distinct_samples():
+    a2 = A.clone()
+    a2[0, 0] = False  # same object twice in one sample: one cluster, one vote
+    s = [[(A, .95, 'a'), (a2, .95, 'a')], [(B, .6, 'b')], [(B, .6, 'b')]]
+    mask, clusters, _ = majority_vote(s)  # K̂ = 1; members 2 vs 2, but votes 1 vs 2
+    assert torch.equal(mask, B) and [c['votes'] for c in clusters] == [1, 2]
+    assert clusters[0]['members'] == [(0, 0), (0, 1)]
+
+
+def test_k_hat_ties_go_to_first_seen_count():
+    one, two = [(A, .9, 'a')], [(A, .9, 'a'), (B, .9, 'b')]
+    assert torch.equal(majority_vote([one, two, two, one])[0], A)
+    assert torch.equal(majority_vote([two, one, one, two])[0], A | B)
+
+
+def test_greedy_clustering_compares_first_member_only():
+    m0, m1, m2 = rect(1, 100, 0, 0, 1, 50), rect(1, 100, 0, 0, 1, 56), rect(1, 100, 0, 0, 1, 63)
+    # IoU(m0, m1) = .89, IoU(m1, m2) = .89, IoU(m0, m2) = .79: m2 opens its own cluster
+    _, clusters, _ = majority_vote([[(m0, .9, 'a')], [(m1, .9, 'a')], [(m2, .9, 'a')]])
+    assert [c['members'] for c in clusters] == [[(0, 0), (1, 0)], [(2, 0)]]
+    # IoU 17/20 is 0.85 less the 1e-6 of the formula: below the threshold (fp32 would round it up)
+    s = [[(rect(1, 100, 0, 0, 1, 17), .9, 'a')], [(rect(1, 100, 0, 0, 1, 20), .9, 'a')]]
+    _, clusters, _ = majority_vote(s)
+    assert len(clusters) == 2
+
+
+@pytest.mark.parametrize('agg', ['best', 'consensus'])
+def test_matches_loop_reference_on_random_sets(agg):
+    rng = random.Random(1 if agg == 'best' else 2)
+    for _ in range(150):
+        s = random_samples(rng, rng.randint(1, 12), rng.randint(8, 24), rng.randint(8, 24))
+        kw = dict(agg=agg, cluster_iou=rng.choice([0.85, 0.5]), shape=(5, 5),
+                  vote_ratio=rng.choice([0.2, 0.4]))
+        mask, clusters, _ = majority_vote(s, **kw)
+        ref, ref_clusters = reference_vote(s, **kw)
+        assert np.array_equal(mask.numpy(), ref)
+        assert [(c['members'], c['votes'], c['kept']) for c in clusters] == ref_clusters

@@ -1,0 +1,130 @@
+"""vote.py: mask-level majority voting over N sampled answers to one query, the parallel
+test-time scaling of StAR (SPEC §10).
+
+Each sample is None (unparsable: abstains), [] (a "no object" vote), or a list of
+(mask (H, W) bool tensor/array, SAM score, label) per predicted object. All pairwise mask IoUs come
+from one Gram matrix of the flattened masks; the clustering itself is the greedy first-member rule.
+Tested by: python -m pytest tests/test_vote.py
+"""
+import torch
+
+# Pixels per Gram block on CPU: one reused (P, CPU_CHUNK) buffer (~12 MB for 96 masks) instead of
+# a fresh P x H*W copy, whose page faults cost more than the product; int8 GEMMs are slow below ~64K.
+CPU_CHUNK = 1 << 17
+
+
+def _gram(block):
+    """(P, C) bool -> (P, P) int64 pixel intersection counts, exact."""
+    if block.device.type == 'cpu':
+        # int8 GEMM reads the bools in place (bool and int8 share the byte layout): no float copy,
+        # int32 accumulation, and ~5x faster than an fp32 GEMM on CPU.
+        i8 = block.view(torch.int8)
+        return torch._int_mm(i8, i8.T).long()
+    f = block.float()  # 0/1 are exact in fp32 (and TF32); sums stay exact below 2^24 pixels
+    return (f @ f.T).round().long()
+
+
+def pairwise_iou(masks):
+    """P masks (H, W) bool, one device -> ((P, P) float64 IoU, (P,) int64 areas).
+    IoU = inter / (union + 1e-6) as in the rewards (SPEC §5); float64 so that the 0.85 threshold
+    is decided exactly as a numpy reference would decide it."""
+    flat = [m.reshape(-1) for m in masks]
+    d, p = flat[0].numel(), len(flat)
+    chunk = min(d, CPU_CHUNK if flat[0].device.type == 'cpu' else 1 << 24)
+    buf = torch.empty(p * chunk, dtype=torch.bool, device=flat[0].device)
+    inter = 0
+    for c in range(0, d, chunk):
+        block = buf[:p * min(chunk, d - c)].view(p, -1)  # (P, C), contiguous even when ragged
+        inter = inter + _gram(torch.stack([f[c:c + chunk] for f in flat], out=block))
+    area = inter.diagonal()  # (P,)
+    union = area[:, None] + area[None, :] - inter  # (P, P)
+    return inter.double() / (union.double() + 1e-6), area
+
+
+def _cluster(iou, thr):
+    """Greedy first-member clustering (SPEC §10.4) on a precomputed (P, P) IoU table (lists):
+    object p joins the first cluster whose FIRST member overlaps it by >= thr, else opens one."""
+    clusters = []  # lists of object indices; clusters[c][0] is the representative
+    for p in range(len(iou)):
+        for c in clusters:
+            if iou[c[0]][p] >= thr:
+                c.append(p)
+                break
+        else:
+            clusters.append([p])
+    return clusters
+
+
+def _most_common(xs):
+    """Most frequent value; ties go to the value seen first (dicts keep insertion order)."""
+    counts = {}
+    for x in xs:
+        counts[x] = counts.get(x, 0) + 1
+    return max(counts, key=counts.get)
+
+
+def majority_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0.2, agg='best',
+                  pixel_thresh=0.5, shape=None):
+    """Vote N samples of one query into one mask (SPEC §10).
+
+    Returns (mask, clusters, reason):
+      mask: (H, W) bool tensor on the masks' device; all False for "no object". When no sample
+        holds any mask, H, W come from `shape`; without it the mask is None.
+      clusters: one dict per cluster, in creation order: members [(sample_idx, obj_idx)], votes
+        (distinct samples), score (mean SAM score), label (most common), kept (in the output).
+      reason: one line saying why the output is what it is (for eval's drawings and logs).
+    agg: 'best' = each kept cluster's highest-score member (then largest area, then first);
+         'consensus' = pixels whose score-weighted member average >= pixel_thresh.
+    """
+    valid = [i for i, s in enumerate(samples) if s is not None]  # §10.1: unparsable abstains
+    objs = [(i, j, torch.as_tensor(o[0]).bool(), float(o[1]), str(o[2]))
+            for i in valid for j, o in enumerate(samples[i])]
+    device = objs[0][2].device if objs else None
+    shape = tuple(objs[0][2].shape) if objs else shape
+    empty = None if shape is None else torch.zeros(shape, dtype=torch.bool, device=device)
+    if not valid:
+        return empty, [], f'no parsable sample (0/{len(samples)})'
+    n_valid, n_none = len(valid), sum(len(samples[i]) == 0 for i in valid)
+    if n_none / n_valid >= no_object_thresh:  # §10.2
+        return empty, [], f'no-object majority ({n_none}/{n_valid} valid samples)'
+    k_hat = _most_common(len(samples[i]) for i in valid if samples[i])  # §10.3
+
+    masks = [o[2].to(device) for o in objs]
+    iou, area = pairwise_iou(masks)  # (P, P), (P,)
+    area = area.tolist()
+    groups = _cluster(iou.tolist(), cluster_iou)  # §10.4, lists of object indices
+    clusters = []
+    for g in groups:
+        scores = [objs[p][3] for p in g]
+        clusters.append({'members': [objs[p][:2] for p in g], 'votes': len({objs[p][0] for p in g}),
+                         'score': sum(scores) / len(scores),
+                         'label': _most_common(objs[p][4] for p in g), 'kept': False})
+    # §10.5: drop thin clusters (unless that drops all), rank by (votes, mean score), keep top K̂
+    pool = [k for k, c in enumerate(clusters) if c['votes'] / n_valid >= vote_ratio]
+    note = f'{len(clusters) - len(pool)} below vote ratio'
+    if not pool:
+        pool, note = list(range(len(clusters))), 'all below vote ratio, kept all'
+    ranked = sorted(pool, key=lambda k: (-clusters[k]['votes'], -clusters[k]['score']))  # stable
+    out = empty.clone()
+    for k in ranked[:k_hat]:  # §10.6
+        clusters[k]['kept'] = True
+        g = groups[k]
+        out |= _aggregate([masks[p] for p in g], [objs[p][3] for p in g], [area[p] for p in g],
+                          agg, pixel_thresh)
+    return out, clusters, f'K={k_hat}: kept {min(k_hat, len(ranked))} of {len(clusters)} ' \
+                          f'clusters ({note})'
+
+
+def _aggregate(masks, scores, areas, agg, pixel_thresh):
+    """One cluster -> one (H, W) bool mask (SPEC §10.6)."""
+    if agg == 'best':  # highest score, then largest area; max() keeps the first on full ties
+        return masks[max(range(len(masks)), key=lambda k: (scores[k], areas[k]))]
+    if agg != 'consensus':
+        raise ValueError(f'agg must be "best" or "consensus", not {agg!r}')
+    # Score-weighted pixel average, in float64 and member order (SAM scores are IoU estimates and
+    # can be ~0 or slightly negative: fall back to equal weights when they do not sum to > 0).
+    w = scores if sum(scores) > 0 else [1.0] * len(scores)
+    acc = torch.zeros(masks[0].shape, dtype=torch.float64, device=masks[0].device)
+    for m, wk in zip(masks, w):
+        acc.add_(m, alpha=wk)  # bool m: adds wk where set, no temporary
+    return acc / sum(w) >= pixel_thresh
