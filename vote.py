@@ -6,6 +6,7 @@ Each sample is None (unparsable: abstains), [] (a "no object" vote), or a list o
 from one Gram matrix of the flattened masks; the clustering itself is the greedy first-member rule.
 Tested by: python -m pytest tests/test_vote.py
 """
+import numpy as np
 import torch
 
 # Pixels per Gram block on CPU: one reused (P, CPU_CHUNK) buffer (~12 MB for 96 masks) instead of
@@ -13,15 +14,21 @@ import torch
 CPU_CHUNK = 1 << 17
 
 
-def _gram(block):
-    """(P, C) bool -> (P, P) int64 pixel intersection counts, exact."""
-    if block.device.type == 'cpu':
-        # int8 GEMM reads the bools in place (bool and int8 share the byte layout): no float copy,
-        # int32 accumulation, and ~5x faster than an fp32 GEMM on CPU.
-        i8 = block.view(torch.int8)
-        return torch._int_mm(i8, i8.T).long()
-    f = block.float()  # 0/1 are exact in fp32 (and TF32); sums stay exact below 2^24 pixels
-    return (f @ f.T).round().long()
+def _cpu_gram(flat):
+    """P flat (H*W,) bool CPU masks -> (P, P) int64 pixel intersection counts, exact.
+    Blocks of pixels are copied side by side and multiplied as int8 (bool and int8 share the byte
+    layout): no float copy, int32 sums, ~5x faster than an fp32 GEMM. numpy does the copy because it
+    copies serially: torch's parallel copies of many small slices stall when the cores are shared."""
+    flat = [f.numpy() for f in flat]
+    d, p = flat[0].size, len(flat)
+    buf = np.empty(p * min(d, CPU_CHUNK), dtype=bool)
+    inter = 0
+    for c in range(0, d, CPU_CHUNK):
+        block = buf[:p * min(CPU_CHUNK, d - c)].reshape(p, -1)  # (P, C), contiguous when ragged too
+        np.stack([f[c:c + CPU_CHUNK] for f in flat], out=block)
+        i8 = torch.from_numpy(block).view(torch.int8)
+        inter = inter + torch._int_mm(i8, i8.T)  # (P, P) int32
+    return inter.long()
 
 
 def pairwise_iou(masks):
@@ -29,13 +36,11 @@ def pairwise_iou(masks):
     IoU = inter / (union + 1e-6) as in the rewards (SPEC §5); float64 so that the 0.85 threshold
     is decided exactly as a numpy reference would decide it."""
     flat = [m.reshape(-1) for m in masks]
-    d, p = flat[0].numel(), len(flat)
-    chunk = min(d, CPU_CHUNK if flat[0].device.type == 'cpu' else 1 << 24)
-    buf = torch.empty(p * chunk, dtype=torch.bool, device=flat[0].device)
-    inter = 0
-    for c in range(0, d, chunk):
-        block = buf[:p * min(chunk, d - c)].view(p, -1)  # (P, C), contiguous even when ragged
-        inter = inter + _gram(torch.stack([f[c:c + chunk] for f in flat], out=block))
+    if flat[0].device.type == 'cpu':
+        inter = _cpu_gram(flat)
+    else:  # one GEMM; 0/1 are exact in fp32 (and TF32), and so are sums below 2^24 pixels
+        f = torch.stack(flat).to(torch.float32 if flat[0].numel() < 1 << 24 else torch.float64)
+        inter = (f @ f.T).round().long()  # (P, P)
     area = inter.diagonal()  # (P,)
     union = area[:, None] + area[None, :] - inter  # (P, P)
     return inter.double() / (union.double() + 1e-6), area
@@ -74,8 +79,10 @@ def majority_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0.
         (distinct samples), score (mean SAM score), label (most common), kept (in the output).
       reason: one line saying why the output is what it is (for eval's drawings and logs).
     agg: 'best' = each kept cluster's highest-score member (then largest area, then first);
-         'consensus' = pixels whose score-weighted member average >= pixel_thresh.
+         'consensus' = pixels whose score-weighted member average >= pixel_thresh (> 0).
     """
+    if agg not in ('best', 'consensus'):
+        raise ValueError(f'agg must be "best" or "consensus", not {agg!r}')
     valid = [i for i, s in enumerate(samples) if s is not None]  # §10.1: unparsable abstains
     objs = [(i, j, torch.as_tensor(o[0]).bool(), float(o[1]), str(o[2]))
             for i in valid for j, o in enumerate(samples[i])]
@@ -119,12 +126,20 @@ def _aggregate(masks, scores, areas, agg, pixel_thresh):
     """One cluster -> one (H, W) bool mask (SPEC §10.6)."""
     if agg == 'best':  # highest score, then largest area; max() keeps the first on full ties
         return masks[max(range(len(masks)), key=lambda k: (scores[k], areas[k]))]
-    if agg != 'consensus':
-        raise ValueError(f'agg must be "best" or "consensus", not {agg!r}')
     # Score-weighted pixel average, in float64 and member order (SAM scores are IoU estimates and
     # can be ~0 or slightly negative: fall back to equal weights when they do not sum to > 0).
+    # Outside the members' bounding box the average is 0 (< pixel_thresh): only the box is summed.
     w = scores if sum(scores) > 0 else [1.0] * len(scores)
-    acc = torch.zeros(masks[0].shape, dtype=torch.float64, device=masks[0].device)
+    union = torch.zeros_like(masks[0])
+    for m in masks:
+        union |= m
+    ys, xs = union.any(1).nonzero()[:, 0], union.any(0).nonzero()[:, 0]
+    out = torch.zeros_like(union)
+    if len(ys) == 0:
+        return out
+    box = slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
+    acc = torch.zeros(union[box].shape, dtype=torch.float64, device=union.device)
     for m, wk in zip(masks, w):
-        acc.add_(m, alpha=wk)  # bool m: adds wk where set, no temporary
-    return acc / sum(w) >= pixel_thresh
+        acc.add_(m[box], alpha=wk)  # bool m: adds wk where set, no temporary
+    out[box] = acc / sum(w) >= pixel_thresh
+    return out
