@@ -68,6 +68,16 @@ def _load_json_ish(s):
     return None
 
 
+def _first_json(text):
+    dec = json.JSONDecoder()
+    for i in [i for i, c in enumerate(text) if c in '[{'][:50]:
+        try:
+            return dec.raw_decode(text, i)[0]
+        except ValueError:
+            continue
+    return None
+
+
 def _numbers(v, n):
     if isinstance(v, (list, tuple)) and len(v) == n and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
@@ -81,15 +91,8 @@ def parse_answer(text):
     try:
         if not isinstance(text, str) or len(text) > 100_000:
             return None
-        m = _ANSWER.search(text)
-        if m:
-            body = m.group(1)
-        else:  # no tags: take the last bracketed block, if any
-            starts = [i for i in (text.rfind('['), text.rfind('{')) if i >= 0]
-            if not starts:
-                return None
-            body = text[min(starts):]
-        obj = _load_json_ish(body)
+        m = _ANSWER.search(text)  # no tags: the first bracketed block that decodes as JSON
+        obj = _load_json_ish(m.group(1)) if m else _first_json(text)
         if isinstance(obj, dict):
             obj = [obj]
         if not isinstance(obj, (list, tuple)):
@@ -159,8 +162,9 @@ def to_model(xy, orig_wh, input_wh):
 
 
 # ----------------------------------------------------------------------------- loading (SPEC §1)
-def load_policy(path, dtype=None, device='cpu'):
-    """Any local Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint dir -> (model, processor)."""
+def load_policy(path, dtype=None, device='cpu', adapter=None):
+    """Any local Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint dir -> (model, processor).
+    adapter: a LoRA file written by train.py (lora.save_lora), wrapped and loaded on top."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     if not os.path.isdir(path):
         raise FileNotFoundError(f'model checkpoint {path!r} is not a directory')
@@ -175,6 +179,13 @@ def load_policy(path, dtype=None, device='cpu'):
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = 'left'  # generation appends on the right
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    if adapter is not None:
+        import lora
+        if not os.path.isfile(adapter):
+            raise FileNotFoundError(f'LoRA adapter {adapter!r} does not exist')
+        state, meta = lora.read_lora(adapter)
+        lora.apply_lora(model, r=meta['r'], alpha=meta['alpha'])
+        lora.load_lora(model, state)
     return model, processor
 
 

@@ -1,0 +1,299 @@
+"""train.py: StAR training, stages 0, 1 and 2, as one script read top to bottom (SPEC §6-9).
+
+  stage 0  supervised warm-up of the tiny sandbox model on explicit grounding (the sandbox's
+           stand-in for a pretrained base; a real Qwen-VL skips it)
+  stage 1  GRPO, stage-1 reward (format + grounding accuracy + non-repeat), G rollouts all used
+  stage 2  REST: N rollouts sampled, M kept (extremes), stage-2 reward, continuing stage 1's adapter
+
+  python train.py --stage 2                      # sandbox demo: runs any missing earlier stage first
+  torchrun --nproc_per_node 8 train.py --stage 1 --model Qwen2.5-VL-7B --sam sam_vit_h.pth \\
+      --sam-type vit_h --data stage1.parquet ... # see README for the paper-scale command lines
+Tested by: python -m pytest tests/test_train.py
+"""
+import argparse, json, math, os, shutil, sys, time
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import data, grpo, lora, pipeline, rest, rewards, world
+import model as M
+import segment as S
+
+p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument('--stage', type=int, default=2, choices=[0, 1, 2], help='training stage (see above)')
+p.add_argument('--model', default=None, help='local Qwen-VL checkpoint dir (default: the sandbox model)')
+p.add_argument('--preset', default=None, choices=['sandbox', 'paper'], help='default settings (default: paper with --model, else sandbox)')
+p.add_argument('--data', default=None, help='training data (data.load_dataset; default: synthetic world)')
+p.add_argument('--sam', default=None, help='segment-anything checkpoint file (default: colour segmenter)')
+p.add_argument('--sam-type', default='vit_h', choices=['vit_b', 'vit_l', 'vit_h'], help='SAM size')
+p.add_argument('--init-adapter', default=None, help='stage 2: the stage-1 LoRA to continue (default: runs/stage1)')
+p.add_argument('--out', default=None, help='output dir (default: runs/stage{N})')
+p.add_argument('--steps', type=int, default=None, help='optimizer steps (default: per stage, sandbox)')
+p.add_argument('--batch', type=int, default=None, help='prompts (stage 1-2) or samples (stage 0) per step and rank')
+p.add_argument('--group', type=int, default=None, help='G: rollouts per prompt used for the update (SPEC §6: 16)')
+p.add_argument('--rollouts', type=int, default=None, help='REST N: rollouts sampled per prompt; = G means plain GRPO (SPEC §9: 256 for 7B)')
+p.add_argument('--lr', type=float, default=None, help='learning rate (default: per stage)')
+p.add_argument('--wd', type=float, default=1e-3, help='AdamW weight decay (SPEC §6)')
+p.add_argument('--clip-eps', type=float, default=0.2, help='PPO clip range')
+p.add_argument('--kl-coef', type=float, default=0.0, help='k3 KL to the adapters-off base (StAR: 0)')
+p.add_argument('--lora-r', type=int, default=None, help='LoRA rank (SPEC §7: 64; sandbox 16)')
+p.add_argument('--lora-alpha', type=float, default=None, help='LoRA alpha (SPEC §7: 64; sandbox 16)')
+p.add_argument('--temperature', type=float, default=1.0, help='rollout sampling temperature')
+p.add_argument('--top-p', type=float, default=1.0, help='rollout nucleus sampling')
+p.add_argument('--micro-batch', type=int, default=16, help='rows per forward/backward')
+p.add_argument('--warmup', type=int, default=200, help='stage 0: linear warm-up steps, then cosine to 0.1x')
+p.add_argument('--image-size', type=int, default=None, help='model input side (SPEC §3: 840; sandbox 112)')
+p.add_argument('--coord-mode', default=None, choices=['pixel', 'grid1000', 'unit', 'auto'], help='answer coordinates (default: pixel for Qwen2/2.5, auto for Qwen3)')
+p.add_argument('--max-new-tokens', type=int, default=None, help='longest response (SPEC §6: 2048; sandbox 160)')
+p.add_argument('--prompt-file', default=None, help='prompt template with {question} (default: the checkpoint\'s, else ours)')
+p.add_argument('--eval-every', type=int, default=None, help='held-out greedy gIoU every K steps (0: never)')
+p.add_argument('--eval-n', type=int, default=64, help='held-out samples for that evaluation')
+p.add_argument('--save-every', type=int, default=None, help='checkpoint every K steps')
+p.add_argument('--resume', action='store_true', help='continue from the last checkpoint in --out')
+p.add_argument('--seed', type=int, default=0, help='seed for data order, sampling and init')
+p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
+args = p.parse_args()
+config = vars(args)
+
+# Sandbox defaults (tiny model, synthetic world, CPU minutes); paper values apply with --model.
+SANDBOX_BASE = 'sandbox/stage0'   # the shipped stage-0 tiny base (README: the command that made it)
+SANDBOX_PROMPT = 'find: {question}'
+REASONING = ('P/F', 'C/KI', 'C/R', 'C/MH')
+PAPER = {1: dict(batch=16, group=16, rollouts=16, lr=1e-5, lora_r=64, lora_alpha=64, steps=323),
+         2: dict(batch=16, group=16, rollouts=256, lr=5e-6, lora_r=64, lora_alpha=64, steps=150)}
+SANDBOX = {0: dict(batch=16, steps=12000, lr=1e-3, eval_every=1000, save_every=500),
+           1: dict(batch=8, group=8, rollouts=8, lr=3e-4, lora_r=16, lora_alpha=16, steps=60),
+           2: dict(batch=8, group=8, rollouts=16, lr=3e-4, lora_r=16, lora_alpha=16, steps=80)}
+args.preset = args.preset or ('paper' if args.model else 'sandbox')
+if args.stage == 0 and args.preset == 'paper':
+    sys.exit('--stage 0 trains the tiny sandbox base only; a real Qwen-VL starts at --stage 1')
+for k, v in {**dict(eval_every=20, save_every=20, image_size=112, max_new_tokens=160), **(
+        dict(image_size=840, max_new_tokens=2048, **PAPER[args.stage]) if args.preset == 'paper'
+        else SANDBOX[args.stage])}.items():
+    if config.get(k) is None:
+        config[k] = v
+args.out = args.out or f'runs/stage{args.stage}'
+
+# torch.distributed: one process per GPU under torchrun; rank 0 logs and saves
+ddp = 'RANK' in os.environ
+rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+if ddp:
+    import torch.distributed as dist
+    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    if torch.cuda.is_available():
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+torch.manual_seed(args.seed)
+np.random.seed(args.seed)
+os.makedirs(args.out, exist_ok=True)
+log_file = open(os.path.join(args.out, 'log.jsonl'), 'a') if rank == 0 else None
+ckpt = os.path.join(args.out, 'last')
+
+
+def log(rec):
+    if log_file:
+        log_file.write(json.dumps(rec) + '\n')
+        log_file.flush()
+
+
+def run_earlier(stage):
+    """The sandbox demo is one command: run a missing earlier stage in a child process."""
+    print(f'[train] stage {stage} output missing: running `python train.py --stage {stage}` first')
+    import subprocess
+    subprocess.run([sys.executable, sys.argv[0], '--stage', str(stage), '--device', args.device], check=True)
+
+
+def save_checkpoint(step, save_weights):
+    """Atomic: write everything into last.tmp, then swap it in with a rename."""
+    tmp = ckpt + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_weights(tmp)
+    with open(os.path.join(tmp, 'prompt.txt'), 'w') as f:
+        f.write(template)
+    torch.save({'opt': opt.state_dict(), 'step': step, 'config': config, 'torch_rng': torch.get_rng_state(),
+                'numpy_rng': np.random.get_state()}, os.path.join(tmp, 'trainer.pt'))
+    shutil.rmtree(ckpt + '.old', ignore_errors=True)
+    if os.path.exists(ckpt):
+        os.replace(ckpt, ckpt + '.old')
+    os.replace(tmp, ckpt)
+    shutil.rmtree(ckpt + '.old', ignore_errors=True)
+
+
+def restore(opt):
+    st = torch.load(os.path.join(ckpt, 'trainer.pt'), weights_only=False)
+    opt.load_state_dict(st['opt'])
+    torch.set_rng_state(st.get('torch_rng', st.get('rng')))
+    if 'numpy_rng' in st:
+        np.random.set_state(st['numpy_rng'])
+    print(f'[train] resumed {ckpt} at step {st["step"]}')
+    return st['step']
+
+
+# ------------------------------------------------------------------ stage 0: supervised warm-up
+if args.stage == 0:
+    resume = args.resume and os.path.isdir(ckpt)
+    src = ckpt if resume else M.build_tiny_policy(
+        os.path.join(args.out, 'init'), words=world.vocabulary(), seed=args.seed,
+        image_size=args.image_size, prompt=SANDBOX_PROMPT)
+    net, proc = M.load_policy(src, device=args.device)
+    template = M.load_template(args.prompt_file or 'stage1', src)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
+    start = restore(opt) if resume else 0
+    sched = lambda s: min(1.0, (s + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps)))
+    val, seg = world.dataset('val', args.eval_n, families=('explicit',)), S.ColorSegmenter()
+    net.train()
+    for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc='stage 0'):
+        t0 = time.time()
+        batch = world.dataset('train', args.batch, families=('explicit',), start=step * args.batch)
+        answers = [world.answer_text(s, (args.image_size,) * 2) for s in batch]
+        b = M.make_inputs(proc, [data.resize_for_model(s.image, args.image_size) for s in batch],
+                          [M.build_prompt(s.query, template) for s in batch], answers).to(args.device)
+        labels = torch.full_like(b['input_ids'], -100)
+        for i, a in enumerate(answers):  # left padding: the answer is the last n tokens of a row
+            n = len(proc.tokenizer(a + '<|im_end|>', add_special_tokens=False).input_ids)
+            labels[i, -n:] = b['input_ids'][i, -n:]
+        logits = net(**b).logits[:, :-1].float()                          # (B, T-1, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        for g in opt.param_groups:
+            g['lr'] = args.lr * sched(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        rec = dict(step=step + 1, loss=loss.item(), lr=opt.param_groups[0]['lr'], grad_norm=gnorm.item(),
+                   sec=time.time() - t0)
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            rec['val_giou'], rec['val_example'] = pipeline.heldout_giou(
+                net, proc, seg, val, template, args.image_size, 'pixel', args.max_new_tokens)
+            tqdm.write(f"step {step + 1}: loss {rec['loss']:.3f} val gIoU {rec['val_giou']:.3f} | {rec['val_example'][:80]}")
+        log(rec)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(step + 1, lambda d: (net.save_pretrained(d), proc.save_pretrained(d)))
+    print(f'[train] stage 0 done: {ckpt}')
+    sys.exit(0)
+
+# ------------------------------------------------------------------ stages 1-2: GRPO / REST
+base = args.model or (SANDBOX_BASE if os.path.isdir(SANDBOX_BASE) else 'runs/stage0/last')
+if not args.model and not os.path.isdir(base) and rank == 0:
+    run_earlier(0)
+if args.stage == 2 and args.init_adapter is None:
+    if args.model:
+        sys.exit('--stage 2 with --model needs --init-adapter FILE (the stage-1 adapter.safetensors)')
+    args.init_adapter = 'runs/stage1/last/adapter.safetensors'
+    if not os.path.isfile(args.init_adapter) and rank == 0:
+        run_earlier(1)
+net, proc = M.load_policy(base, device=args.device)
+coord_mode = args.coord_mode or M.default_coord_mode(net)
+template = M.load_template(args.prompt_file or f'stage{args.stage}', base)
+lora.apply_lora(net, r=args.lora_r, alpha=args.lora_alpha)
+if args.stage == 2:
+    lora.load_lora(net, args.init_adapter)  # refuses an adapter of another rank / target set
+if str(args.device).startswith('cuda'):
+    lora.enable_checkpointing(net)
+params = lora.lora_parameters(net)
+opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
+start = 0
+if args.resume and os.path.isdir(ckpt):
+    lora.load_lora(net, os.path.join(ckpt, 'adapter.safetensors'))
+    start = restore(opt)
+seg = S.load_sam(args.sam, args.sam_type, args.device) if args.sam else S.ColorSegmenter()
+families = ('explicit',) if args.stage == 1 else REASONING
+if args.data:
+    train_set = data.load_dataset(args.data)
+    val = train_set[:0]  # real runs evaluate with eval.py
+else:
+    val = world.dataset('val', args.eval_n, families=families)
+N, G = args.rollouts, args.group  # sampled per prompt, kept for the update (REST when N > G)
+
+
+def get_samples(step):
+    """This rank's prompts of this step: a deterministic function of (seed, step, rank)."""
+    ids = [(step * world_size + rank) * args.batch + i for i in range(args.batch)]
+    if not args.data:
+        return [world.sample('train', i, families) for i in ids]
+    n = len(train_set)  # a fresh permutation every epoch
+    return [train_set[np.random.default_rng([args.seed, i // n]).permutation(n)[i % n]] for i in ids]
+
+
+net.train()
+for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f'stage {args.stage}',
+                 disable=rank != 0):
+    t0 = time.time()
+    samples = get_samples(step)
+    # 1. rollouts: N samples per prompt from one generate call, adapters on, no grad
+    b, seqs, resp_mask, texts = pipeline.generate(net, proc, samples, template, args.image_size, n=N, greedy=False,
+                                                  temperature=args.temperature, top_p=args.top_p,
+                                                  max_new_tokens=args.max_new_tokens)
+    t_gen = time.time() - t0
+    # 2. rewards: all rollouts of a prompt share one image embedding and one decoder batch
+    scored = [rewards.score_group(texts[j * N:(j + 1) * N], s, seg, args.stage, (args.image_size,) * 2,
+                                  coord_mode, key=s.id) for j, s in enumerate(samples)]
+    R = torch.tensor([[r for r, _ in g] for g in scored])                               # (B, N)
+    comps = [c for g in scored for _, c in g]
+    success = torch.tensor([[c['correct'] for _, c in g] for g in scored])              # (B, N)
+    # 3. REST keeps the G extremes of N (plain GRPO when N == G); advantages over the kept only
+    idx = rest.select(R, G)                                                             # (B, G)
+    adv = grpo.group_advantages(R.gather(1, idx))                                       # (B, G)
+    rows = (torch.arange(len(samples))[:, None] * N + idx).flatten()                    # into B*N
+    adv, keep_prompt = adv.flatten(), rows // N
+    live = adv != 0                                      # constant groups contribute nothing
+    rows, adv, keep_prompt = rows[live], adv[live], keep_prompt[live]
+    t_rew = time.time() - t0 - t_gen
+    # 4. loss: PPO-clip over response tokens, micro-batched, token-level mean over the step
+    full = torch.cat([b['attention_mask'].repeat_interleave(N, 0), resp_mask.long()], 1)  # (B*N, T)
+    rmask = torch.cat([torch.zeros_like(b['attention_mask']).repeat_interleave(N, 0), resp_mask.long()], 1)
+    n_tok = rmask[rows].sum().clamp_min(1)
+    pix_start = [0] + torch.cumsum(b['image_grid_thw'].prod(-1), 0).tolist()
+    opt.zero_grad(set_to_none=True)
+    stats, loss_sum = [], 0.0
+    for k in range(0, len(rows), args.micro_batch):
+        r = rows[k:k + args.micro_batch]
+        pr = keep_prompt[k:k + args.micro_batch]
+        mb = dict(input_ids=seqs[r], attention_mask=full[r], response_mask=rmask[r].bool(),
+                  image_grid_thw=b['image_grid_thw'][pr],
+                  pixel_values=torch.cat([b['pixel_values'][pix_start[j]:pix_start[j + 1]] for j in pr.tolist()]))
+        logp = grpo.token_logprobs(net, mb, micro_batch=len(r))                      # (mb, T) fp32
+        ref = None
+        if args.kl_coef > 0:
+            with torch.no_grad(), lora.lora_disabled(net):
+                ref = grpo.token_logprobs(net, mb, micro_batch=len(r))
+        # one optimizer step per rollout batch: the old policy is the current one (ratio 1, SPEC §6)
+        loss, st = grpo.grpo_loss(logp, logp.detach(), adv[k:k + args.micro_batch].to(logp.device),
+                                  mb['response_mask'], args.clip_eps, ref, args.kl_coef)
+        w = mb['response_mask'].sum() / n_tok                # token-level mean across micro-batches
+        (loss * w).backward()
+        loss_sum += loss.item() * w.item()
+        stats.append(st)
+    if not math.isfinite(loss_sum):
+        sys.exit(f'[train] non-finite loss at step {step + 1} (prompts {[s.id for s in samples]}); '
+                 f'last good checkpoint: {ckpt}')
+    if ddp:  # average LoRA gradients over ranks (only they have any)
+        for q in params:
+            if q.grad is None:
+                q.grad = torch.zeros_like(q)
+            dist.all_reduce(q.grad)
+            q.grad /= world_size
+    gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step() if len(rows) else None
+    # 5. log
+    mean = lambda key: float(np.mean([c[key] for c in comps]))
+    rec = dict(step=step + 1, loss=loss_sum, reward=R.mean().item(), format=mean('format'),
+               accuracy=mean('accuracy'), non_repeat=mean('non_repeat'), correct=mean('correct'),
+               format_ok=float(np.mean([c['format'] >= 3 for c in comps])),
+               resp_len=resp_mask.sum(1).float().mean().item(), grad_norm=gnorm.item(),
+               trained_rows=len(rows), t_generate=t_gen, t_reward=t_rew,
+               t_update=time.time() - t0 - t_gen - t_rew, **rest.rest_stats(R, idx, G, success),
+               **{k: float(np.mean([s[k] for s in stats])) if stats else 0.0 for k in ('clip_frac', 'kl')})
+    if args.eval_every and (step + 1) % args.eval_every == 0 and rank == 0 and val:
+        rec['val_giou'], ex = pipeline.heldout_giou(net, proc, seg, val, template, args.image_size,
+                                                    coord_mode, args.max_new_tokens)
+        tqdm.write(f"step {step + 1}: reward {rec['reward']:.2f} correct {rec['correct']:.2f} "
+                   f"val gIoU {rec['val_giou']:.3f} | {ex[:70]}")
+    log(rec)
+    if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+        meta = dict(base=base, stage=args.stage, image_size=args.image_size, coord_mode=coord_mode, step=step + 1)
+        save_checkpoint(step + 1, lambda d: lora.save_lora(net, os.path.join(d, 'adapter.safetensors'), meta))
+print(f'[train] stage {args.stage} done: {ckpt}' if rank == 0 else '', end='\n' if rank == 0 else '')

@@ -1,0 +1,169 @@
+"""world.py: the synthetic scene world, the project's embedded default data (nothing to download).
+
+Scenes of 3 flat-coloured shapes on a 3x3 grid (small jitter) with exact instance masks. Queries:
+explicit grounding for stages 0-1 ("the red circle", "all blue shapes", absent targets -> empty),
+and the four ReasonSeg-X reasoning types for stage 2 / evaluation:
+  P/F  purpose-functional      "something that could roll"            -> circles
+  C/KI commonsense-knowledge   "the shape coloured like grass"        -> green shapes
+  C/R  comparative-relational  "the largest shape", "left of the X"   -> by geometry
+  C/MH compositional multi-hop "same colour as the circle, not a circle"
+Every family has multi-target and no-target cases. Splits never share a scene seed; query frames
+(the wording around the cue) are split too, so test queries are phrasings never trained on, while
+the knowledge cues (roll, grass, ...) are shared. Why a grid: a tiny model from scratch only
+learns to read positions reliably with coarse layouts (../shared/notes/sandbox-learnability.md).
+Tested by: python -m pytest tests/test_world.py
+"""
+import json
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from data import Sample
+
+SIZE, GRID, N_OBJ, JITTER = 224, 3, 3, 6       # original image side, grid, objects, px jitter
+COLORS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (50, 90, 230),
+          'yellow': (235, 210, 40), 'white': (240, 240, 240)}
+SHAPES = ('circle', 'square', 'triangle', 'diamond')
+BACKGROUND = (30, 30, 30)
+SPLIT_BASE = {'train': 0, 'val': 10_000_000, 'test': 20_000_000}
+# knowledge cues (shared by all splits) and frames (split: the last frame of each family is held out)
+FUNCTION = {'roll': 'circle', 'wheel': 'circle', 'tile': 'square', 'box': 'square',
+            'warning sign': 'triangle', 'slice of pizza': 'triangle', 'kite': 'diamond', 'gem': 'diamond'}
+KNOWLEDGE = {'grass': 'green', 'leaves': 'green', 'sky': 'blue', 'sea': 'blue', 'tomato': 'red',
+             'fire truck': 'red', 'banana': 'yellow', 'sun': 'yellow', 'snow': 'white', 'milk': 'white'}
+FRAMES = {
+    'explicit': ['the {c} {s}', 'all {c} shapes', 'every {s}', 'find the {c} {s}'],
+    'P/F': ['something that could be a {f}', 'which shape would work as a {f}', 'what looks like a {f}'],
+    'C/KI': ['the shape coloured like {k}', 'anything with the colour of {k}', 'what has the colour of {k}'],
+    'C/R': ['the {r} shape', 'which shape is the {r} one', 'the shape that is {r} of all'],
+    'C/MH': ['the shape with the colour of the {s} that is not a {s}',
+             'a shape sharing its colour with the {s} but not itself a {s}',
+             'what has the {s} colour but is not a {s}'],
+}
+RELATIONS = ('largest', 'smallest', 'leftmost', 'rightmost', 'topmost', 'lowest')
+FAMILIES = tuple(FRAMES)
+
+
+def render(rng):
+    """-> image (H,W,3) uint8, objects: list of dicts (color, shape, mask, cell)."""
+    img = Image.new('RGB', (SIZE, SIZE), BACKGROUND)
+    cell = SIZE / GRID
+    objs = []
+    for c in rng.choice(GRID * GRID, N_OBJ, replace=False):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        half = int(rng.integers(14, 31))
+        cx = (c % GRID + 0.5) * cell + rng.integers(-JITTER, JITTER + 1)
+        cy = (c // GRID + 0.5) * cell + rng.integers(-JITTER, JITTER + 1)
+        m = Image.new('L', (SIZE, SIZE), 0)
+        d = ImageDraw.Draw(m)
+        box = [cx - half, cy - half, cx + half, cy + half]
+        if shape == 'circle':
+            d.ellipse(box, fill=1)
+        elif shape == 'square':
+            d.rectangle(box, fill=1)
+        elif shape == 'triangle':
+            d.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=1)
+        else:
+            d.polygon([(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)], fill=1)
+        mask = np.array(m, bool)
+        img.paste(COLORS[color], mask=m.point(lambda v: 255 * v))
+        objs.append({'color': str(color), 'shape': str(shape), 'mask': mask, 'cell': int(c)})
+    return np.array(img), objs
+
+
+def _relation(objs, r):
+    """Index of the unique extreme object, or None when the top two are too close to call."""
+    ys, xs = zip(*[ndimage.center_of_mass(o['mask']) for o in objs])
+    key = {'largest': [o['mask'].sum() for o in objs], 'smallest': [-o['mask'].sum() for o in objs],
+           'leftmost': [-x for x in xs], 'rightmost': list(xs), 'topmost': [-y for y in ys],
+           'lowest': list(ys)}[r]
+    top, second = sorted(key)[-1], sorted(key)[-2]
+    margin = 0.15 * abs(top) if r in ('largest', 'smallest') else 10.0
+    return int(np.argmax(key)) if top - second >= margin else None
+
+
+def make_query(rng, objs, family, frames):
+    """-> (query, target indices) or None if this scene cannot host this family's query."""
+    frame = frames[rng.integers(len(frames))]
+    colors, shapes = [o['color'] for o in objs], [o['shape'] for o in objs]
+    absent = rng.random() < 0.12                       # ask for something that is not there
+    pick = lambda pool, have: rng.choice([p for p in pool if (p not in have) == absent] or [None])
+    if family == 'explicit':
+        c, s = pick(list(COLORS), colors), pick(SHAPES, shapes)
+        if '{c}' in frame and '{s}' in frame:
+            i = rng.integers(len(objs))
+            c, s = (c, s) if absent else (colors[i], shapes[i])
+        if c is None or s is None:
+            return None
+        hit = [i for i, o in enumerate(objs) if (o['color'] == c or '{c}' not in frame)
+               and (o['shape'] == s or '{s}' not in frame)]
+        return frame.format(c=c, s=s), hit
+    if family == 'P/F':
+        s = pick(SHAPES, shapes)
+        f = s and rng.choice([k for k, v in FUNCTION.items() if v == s])
+        return f and (frame.format(f=f), [i for i, v in enumerate(shapes) if v == s])
+    if family == 'C/KI':
+        c = pick(list(COLORS), colors)
+        k = c and rng.choice([k for k, v in KNOWLEDGE.items() if v == c])
+        return k and (frame.format(k=k), [i for i, v in enumerate(colors) if v == c])
+    if family == 'C/R':
+        r = RELATIONS[rng.integers(len(RELATIONS))]
+        i = _relation(objs, r)
+        return None if i is None else (frame.format(r=r), [i])
+    # C/MH: the colour of the (unique) shape s, on objects that are not an s; absent = no such one
+    uniq = [s for s in set(shapes) if shapes.count(s) == 1]
+    if not uniq:
+        return None
+    s = uniq[rng.integers(len(uniq))]
+    col = colors[shapes.index(s)]
+    hit = [i for i in range(len(objs)) if colors[i] == col and shapes[i] != s]
+    return (frame.format(s=s), hit) if bool(hit) != absent else None
+
+
+def sample(split, index, families=FAMILIES):
+    """The index-th sample of a split: deterministic, built on the fly."""
+    for attempt in range(100):
+        rng = np.random.default_rng([SPLIT_BASE[split] + index, attempt])
+        family = families[rng.integers(len(families))]
+        frames = FRAMES[family][:-1] if split == 'train' else FRAMES[family][-1:]
+        image, objs = render(rng)
+        q = make_query(rng, objs, family, frames)
+        if q is None:
+            continue
+        query, hit = q
+        hit = sorted(hit, key=lambda i: objs[i]['cell'])       # row-major answer order
+        masks = np.stack([objs[i]['mask'] for i in hit]) if hit else np.zeros((0, SIZE, SIZE), bool)
+        boxes = np.array([[xs.min(), ys.min(), xs.max(), ys.max()] for ys, xs in
+                          (np.nonzero(m) for m in masks)], float).reshape(-1, 4)
+        points = np.array([_peak(m, b) for m, b in zip(masks, boxes)], float).reshape(-1, 2)
+        labels = [f"{objs[i]['color']} {objs[i]['shape']}" for i in hit]
+        return Sample(id=f'world/{split}/{index}', image=image, query=query, masks=masks,
+                      boxes=boxes, points=points, labels=labels, reasoning_type=family)
+    raise RuntimeError(f'world: no valid query for {split}/{index}')
+
+
+def _peak(mask, box):
+    """GT point: the distance-transform peak (SPEC §11), computed on the box crop for speed."""
+    x1, y1, x2, y2 = box.astype(int)
+    crop = np.pad(mask[y1:y2 + 1, x1:x2 + 1], 1)
+    y, x = np.unravel_index(ndimage.distance_transform_edt(crop).argmax(), crop.shape)
+    return x - 1 + x1, y - 1 + y1
+
+
+def dataset(split, n, families=FAMILIES, start=0):
+    return [sample(split, start + i, families) for i in range(n)]
+
+
+def answer_text(s, input_wh):
+    """The teacher answer for stage 0, in model-input pixels: think names the targets, then JSON."""
+    fx, fy = input_wh[0] / s.image.shape[1], input_wh[1] / s.image.shape[0]
+    r = lambda v, f: int(np.floor(v * f + 0.5))
+    objs = [{'label': lab, 'bbox_2d': [r(b[0], fx), r(b[1], fy), r(b[2], fx), r(b[3], fy)],
+             'point_2d': [r(p[0], fx), r(p[1], fy)]} for lab, b, p in zip(s.labels, s.boxes, s.points)]
+    think = ', '.join(s.labels) if s.labels else 'nothing'
+    return f'<think>{think}</think><answer>{json.dumps(objs, separators=(",", ":"))}</answer>'
+
+
+def vocabulary():
+    """Every text the sandbox tokenizer must know."""
+    words = list(COLORS) + list(SHAPES) + list(FUNCTION) + list(KNOWLEDGE) + list(RELATIONS)
+    return words + [f for fs in FRAMES.values() for f in fs] + ['nothing', 'label', 'shapes']
