@@ -5,7 +5,7 @@ explicit grounding for stages 0-1 ("the red circle", "all blue shapes", absent t
 and the four ReasonSeg-X reasoning types for stage 2 / evaluation:
   P/F  purpose-functional      "something that could roll"            -> circles
   C/KI commonsense-knowledge   "the shape coloured like grass"        -> green shapes
-  C/R  comparative-relational  "the largest shape", "left of the X"   -> by geometry
+  C/R  comparative-relational  "the largest shape", "every shape left of the red circle" 
   C/MH compositional multi-hop "same colour as the circle, not a circle"
 Every family has multi-target and no-target cases. Splits never share a scene seed; query frames
 (the wording around the cue) are split too, so test queries are phrasings never trained on, while
@@ -35,12 +35,14 @@ FRAMES = {
     'P/F': ['something that could be a {f}', 'which shape would work as a {f}', 'what looks like a {f}'],
     'C/KI': ['the shape coloured like {k}', 'anything with the colour of {k}', 'what has the colour of {k}'],
     'C/R': ['the {r} shape', 'which shape is the {r} one', 'the shape that is {r} of all'],
+    'C/R pos': ['every shape {p} the {o}', 'the shapes {p} the {o}', 'anything {p} the {o}'],
     'C/MH': ['the shape with the colour of the {s} that is not a {s}',
              'a shape sharing its colour with the {s} but not itself a {s}',
              'what has the {s} colour but is not a {s}'],
 }
 RELATIONS = ('largest', 'smallest', 'leftmost', 'rightmost', 'topmost', 'lowest')
-FAMILIES = tuple(FRAMES)
+POSITIONS = {'left of': (-1, 0), 'right of': (1, 0), 'above': (0, -1), 'below': (0, 1)}  # grid (dcol, drow)
+FAMILIES = ('explicit', 'P/F', 'C/KI', 'C/R', 'C/MH')
 
 
 def render(rng):
@@ -81,8 +83,11 @@ def _relation(objs, r):
     return int(np.argmax(key)) if top - second >= margin else None
 
 
-def make_query(rng, objs, family, frames):
+def make_query(rng, objs, family, split):
     """-> (query, target indices) or None if this scene cannot host this family's query."""
+    if family == 'C/R' and rng.random() < 0.5:
+        family = 'C/R pos'  # positional relations: multi- and no-target cases for C/R too
+    frames = FRAMES[family][:-1] if split == 'train' else FRAMES[family][-1:]
     frame = frames[rng.integers(len(frames))]
     colors, shapes = [o['color'] for o in objs], [o['shape'] for o in objs]
     absent = rng.random() < 0.12                       # ask for something that is not there
@@ -105,6 +110,17 @@ def make_query(rng, objs, family, frames):
         c = pick(list(COLORS), colors)
         k = c and rng.choice([k for k, v in KNOWLEDGE.items() if v == c])
         return k and (frame.format(k=k), [i for i, v in enumerate(colors) if v == c])
+    if family == 'C/R pos':  # relative to a uniquely named object, by grid row / column
+        labels = [f'{c} {s}' for c, s in zip(colors, shapes)]
+        uniq = [i for i, l in enumerate(labels) if labels.count(l) == 1]
+        if not uniq:
+            return None
+        ref = uniq[rng.integers(len(uniq))]
+        p = list(POSITIONS)[rng.integers(len(POSITIONS))]
+        dc, dr = POSITIONS[p]
+        col, row = objs[ref]['cell'] % GRID, objs[ref]['cell'] // GRID
+        hit = [i for i, o in enumerate(objs) if (o['cell'] % GRID - col) * dc > 0 or (o['cell'] // GRID - row) * dr > 0]
+        return frame.format(p=p, o=labels[ref]), hit
     if family == 'C/R':
         r = RELATIONS[rng.integers(len(RELATIONS))]
         i = _relation(objs, r)
@@ -124,9 +140,8 @@ def sample(split, index, families=FAMILIES):
     for attempt in range(100):
         rng = np.random.default_rng([SPLIT_BASE[split] + index, attempt])
         family = families[rng.integers(len(families))]
-        frames = FRAMES[family][:-1] if split == 'train' else FRAMES[family][-1:]
         image, objs = render(rng)
-        q = make_query(rng, objs, family, frames)
+        q = make_query(rng, objs, family, split)
         if q is None:
             continue
         query, hit = q
@@ -165,5 +180,5 @@ def answer_text(s, input_wh):
 
 def vocabulary():
     """Every text the sandbox tokenizer must know."""
-    words = list(COLORS) + list(SHAPES) + list(FUNCTION) + list(KNOWLEDGE) + list(RELATIONS)
+    words = list(COLORS) + list(SHAPES) + list(FUNCTION) + list(KNOWLEDGE) + list(RELATIONS) + list(POSITIONS)
     return words + [f for fs in FRAMES.values() for f in fs] + ['nothing', 'label', 'shapes']

@@ -1,0 +1,103 @@
+"""Tests for world.py: determinism, ground truth that matches each query's definition, split and
+template disjointness, and the teacher answer.
+Run: python -m pytest tests/test_world.py
+"""
+import re
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import model as M
+import world as W
+
+
+def attributes(s, rng_free=True):
+    """Re-derive every object of a rendered scene from pixels alone: colour, mask, area, centre."""
+    bg = np.all(s.image == W.BACKGROUND, -1)
+    lab, n = ndimage.label(~bg)
+    objs = []
+    for k in range(1, n + 1):
+        m = lab == k
+        colour = next(c for c, v in W.COLORS.items() if np.all(s.image[m][0] == v))
+        objs.append(dict(mask=m, colour=colour, area=m.sum(), centre=ndimage.center_of_mass(m)))
+    return objs
+
+
+def test_deterministic_and_splits_disjoint():
+    a, b = W.sample('train', 5), W.sample('train', 5)
+    assert a.query == b.query and np.array_equal(a.image, b.image) and np.array_equal(a.masks, b.masks)
+    imgs = {split: [W.sample(split, i).image.tobytes() for i in range(40)] for split in ('train', 'val', 'test')}
+    assert not set(imgs['train']) & set(imgs['test']) and not set(imgs['val']) & set(imgs['test'])
+
+
+def frame_regex(frame):
+    return re.compile('^' + re.sub(r'\\\{\w\\\}', '.+', re.escape(frame)) + '$')
+
+
+def test_template_split():
+    for split, held_out in (('train', False), ('test', True)):
+        for s in W.dataset(split, 60):
+            kinds = [k for k in W.FRAMES if k.startswith(s.reasoning_type)]  # 'C/R' and 'C/R pos'
+            used = [(i == len(W.FRAMES[k]) - 1) for k in kinds for i, f in enumerate(W.FRAMES[k])
+                    if frame_regex(f).match(s.query)]
+            assert used == [held_out], (split, s.query)
+
+
+@pytest.mark.parametrize('family', W.FAMILIES)
+def test_ground_truth_matches_definition(family):
+    seen_empty = seen_multi = False
+    for s in W.dataset('test', 80, families=(family,)):
+        objs = attributes(s)
+        gt = {o['mask'].tobytes() for o in objs if any(np.array_equal(o['mask'], m) for m in s.masks)}
+        assert len(gt) == len(s.masks) and len(objs) == W.N_OBJ
+        q = s.query
+        if family == 'C/R' and any(p in q for p in W.POSITIONS):
+            p = next(p for p in W.POSITIONS if p in q)
+            ref_label = q.split(' the ')[-1]
+            refs = [i for i, l in enumerate(s.labels) if l == ref_label]
+            assert not refs, 'the reference object is never its own target'
+            ref = [o for o in objs if o['mask'].tobytes() not in gt]  # candidates for the reference
+            dx, dy = W.POSITIONS[p]
+            half = W.SIZE / W.GRID / 2
+            for o in objs:  # every target lies beyond some non-target by more than half a cell
+                if o['mask'].tobytes() in gt:
+                    assert any((o['centre'][1] - r['centre'][1]) * dx > half or
+                               (o['centre'][0] - r['centre'][0]) * dy > half for r in ref), q
+        elif family == 'C/R':
+            r = next(r for r in W.RELATIONS if r in q)
+            key = {'largest': lambda o: o['area'], 'smallest': lambda o: -o['area'],
+                   'leftmost': lambda o: -o['centre'][1], 'rightmost': lambda o: o['centre'][1],
+                   'topmost': lambda o: -o['centre'][0], 'lowest': lambda o: o['centre'][0]}[r]
+            best = max(objs, key=key)
+            assert len(s.masks) == 1 and np.array_equal(s.masks[0], best['mask']), q
+        elif family == 'C/KI':
+            cue = next(k for k in W.KNOWLEDGE if q.endswith(k))
+            want = {o['mask'].tobytes() for o in objs if o['colour'] == W.KNOWLEDGE[cue]}
+            assert gt == want, q
+        elif family in ('P/F', 'C/MH', 'explicit'):
+            # shapes are not recoverable from colour alone: check against the labels the renderer gave
+            labels = s.labels
+            if family == 'P/F':
+                cue = next(f for f in W.FUNCTION if q.endswith(f))
+                assert all(l.endswith(W.FUNCTION[cue]) for l in labels)
+            if family == 'explicit' and 'all ' in q:
+                colour = q.split()[1]
+                assert {o['mask'].tobytes() for o in objs if o['colour'] == colour} == gt
+            if family == 'C/MH':
+                shape = next(sh for sh in W.SHAPES if f'the {sh}' in q)
+                assert all(not l.endswith(shape) for l in labels)
+        seen_empty |= len(s.masks) == 0
+        seen_multi |= len(s.masks) > 1
+    assert seen_empty, f'{family}: no no-target case in 80 samples'
+    if family != 'C/R':
+        assert seen_multi, f'{family}: no multi-target case in 80 samples'
+
+
+def test_teacher_answer_parses_to_the_ground_truth():
+    for s in W.dataset('train', 20, families=('explicit',)):
+        objs = M.parse_answer(W.answer_text(s, (112, 112)))
+        assert [o['label'] for o in objs] == s.labels
+        back = M.to_original(objs, (W.SIZE, W.SIZE), (112, 112))
+        for o, b in zip(back, s.boxes):
+            assert np.abs(np.array(o['bbox_2d']) - b).max() <= 2  # one model pixel = 2 original px
+        assert W.answer_text(s, (112, 112)).startswith('<think>')
