@@ -63,7 +63,7 @@ SANDBOX_PROMPT = 'find: {question}'
 REASONING = ('P/F', 'C/KI', 'C/R', 'C/MH')
 PAPER = {1: dict(batch=16, group=16, rollouts=16, lr=1e-5, lora_r=64, lora_alpha=64, steps=323),
          2: dict(batch=16, group=16, rollouts=256, lr=5e-6, lora_r=64, lora_alpha=64, steps=150)}
-SANDBOX = {0: dict(batch=16, steps=12000, lr=1e-3, eval_every=1000, save_every=500),
+SANDBOX = {0: dict(batch=16, steps=9000, lr=1e-3, eval_every=1000, save_every=500),
            1: dict(batch=8, group=8, rollouts=8, lr=3e-4, lora_r=16, lora_alpha=16, steps=60),
            2: dict(batch=8, group=8, rollouts=16, lr=3e-4, lora_r=16, lora_alpha=16, steps=80)}
 args.preset = args.preset or ('paper' if args.model else 'sandbox')
@@ -185,12 +185,19 @@ if args.stage == 2 and args.init_adapter is None:
     args.init_adapter = 'runs/stage1/last/adapter.safetensors'
     if not os.path.isfile(args.init_adapter) and rank == 0:
         run_earlier(1)
-net, proc = M.load_policy(base, device=args.device)
-coord_mode = args.coord_mode or M.default_coord_mode(net)
-template = M.load_template(args.prompt_file or f'stage{args.stage}', base)
-lora.apply_lora(net, r=args.lora_r, alpha=args.lora_alpha)
-if args.stage == 2:
-    lora.load_lora(net, args.init_adapter)  # refuses an adapter of another rank / target set
+try:  # bad paths and mismatched adapters end in one clear line, not a traceback
+    net, proc = M.load_policy(base, device=args.device)
+    coord_mode = args.coord_mode or M.default_coord_mode(net)
+    template = M.load_template(args.prompt_file or f'stage{args.stage}', base)
+    lora.apply_lora(net, r=args.lora_r, alpha=args.lora_alpha)
+    if args.stage == 2:
+        if not os.path.isfile(args.init_adapter):
+            raise FileNotFoundError(f'--init-adapter {args.init_adapter!r} does not exist')
+        lora.load_lora(net, args.init_adapter)  # refuses an adapter of another rank / target set
+    seg = S.load_sam(args.sam, args.sam_type, args.device) if args.sam else S.ColorSegmenter()
+    train_set = data.load_dataset(args.data) if args.data else None
+except (OSError, ValueError, RuntimeError) as e:
+    sys.exit(f'[train] error: {e}')
 if str(args.device).startswith('cuda'):
     lora.enable_checkpointing(net)
 params = lora.lora_parameters(net)
@@ -199,93 +206,89 @@ start = 0
 if args.resume and os.path.isdir(ckpt):
     lora.load_lora(net, os.path.join(ckpt, 'adapter.safetensors'))
     start = restore(opt)
-seg = S.load_sam(args.sam, args.sam_type, args.device) if args.sam else S.ColorSegmenter()
 families = ('explicit',) if args.stage == 1 else REASONING
-if args.data:
-    train_set = data.load_dataset(args.data)
-    val = train_set[:0]  # real runs evaluate with eval.py
-else:
-    val = world.dataset('val', args.eval_n, families=families)
+val = [] if args.data else world.dataset('val', args.eval_n, families=families)  # real data: eval.py
 N, G = args.rollouts, args.group  # sampled per prompt, kept for the update (REST when N > G)
 
 
 def get_samples(step):
-    """This rank's prompts of this step: a deterministic function of (seed, step, rank)."""
+    """This rank's prompts of this step and their global ids: a function of (seed, step, rank)."""
     ids = [(step * world_size + rank) * args.batch + i for i in range(args.batch)]
     if not args.data:
-        return [world.sample('train', i, families) for i in ids]
+        return [world.sample('train', i, families) for i in ids], ids
     n = len(train_set)  # a fresh permutation every epoch
-    return [train_set[np.random.default_rng([args.seed, i // n]).permutation(n)[i % n]] for i in ids]
+    return [train_set[np.random.default_rng([args.seed, i // n]).permutation(n)[i % n]] for i in ids], ids
 
 
 net.train()
 for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f'stage {args.stage}',
                  disable=rank != 0):
     t0 = time.time()
-    samples = get_samples(step)
-    # 1. rollouts: N samples per prompt from one generate call, adapters on, no grad
-    b, seqs, resp_mask, texts = pipeline.generate(net, proc, samples, template, args.image_size, n=N, greedy=False,
-                                                  temperature=args.temperature, top_p=args.top_p,
-                                                  max_new_tokens=args.max_new_tokens)
+    samples, ids = get_samples(step)
+    # 1. rollouts: N samples per prompt from one generate call, adapters on, no grad. Seeding by the
+    #    prompt's global id makes them independent of how prompts are sharded over ranks.
+    groups = []
+    for s, gid in zip(samples, ids):
+        torch.manual_seed(args.seed * 1_000_000_007 + gid)
+        groups.append(pipeline.generate(net, proc, [s], template, args.image_size, n=N, greedy=False,
+                                        temperature=args.temperature, top_p=args.top_p,
+                                        max_new_tokens=args.max_new_tokens))  # inputs, (N, T), (N, R), texts
     t_gen = time.time() - t0
-    # 2. rewards: all rollouts of a prompt share one image embedding and one decoder batch
-    scored = [rewards.score_group(texts[j * N:(j + 1) * N], s, seg, args.stage, (args.image_size,) * 2,
-                                  coord_mode, key=s.id) for j, s in enumerate(samples)]
+    # 2. rewards: the N rollouts of a prompt share one image embedding and one decoder batch
+    scored = [rewards.score_group(g[3], s, seg, args.stage, (args.image_size,) * 2, coord_mode, key=s.id)
+              for g, s in zip(groups, samples)]
     R = torch.tensor([[r for r, _ in g] for g in scored])                               # (B, N)
     comps = [c for g in scored for _, c in g]
     success = torch.tensor([[c['correct'] for _, c in g] for g in scored])              # (B, N)
     # 3. REST keeps the G extremes of N (plain GRPO when N == G); advantages over the kept only
     idx = rest.select(R, G)                                                             # (B, G)
     adv = grpo.group_advantages(R.gather(1, idx))                                       # (B, G)
-    rows = (torch.arange(len(samples))[:, None] * N + idx).flatten()                    # into B*N
-    adv, keep_prompt = adv.flatten(), rows // N
-    live = adv != 0                                      # constant groups contribute nothing
-    rows, adv, keep_prompt = rows[live], adv[live], keep_prompt[live]
     t_rew = time.time() - t0 - t_gen
-    # 4. loss: PPO-clip over response tokens, micro-batched, token-level mean over the step
-    full = torch.cat([b['attention_mask'].repeat_interleave(N, 0), resp_mask.long()], 1)  # (B*N, T)
-    rmask = torch.cat([torch.zeros_like(b['attention_mask']).repeat_interleave(N, 0), resp_mask.long()], 1)
-    n_tok = rmask[rows].sum().clamp_min(1)
-    pix_start = [0] + torch.cumsum(b['image_grid_thw'].prod(-1), 0).tolist()
+    # 4. loss: PPO-clip, token-level mean over every kept response token of the step (all ranks)
+    n_tok = torch.tensor(float(sum(g[2][idx[j][adv[j] != 0]].sum() for j, g in enumerate(groups))))
+    if ddp:
+        dist.all_reduce(n_tok)
     opt.zero_grad(set_to_none=True)
     stats, loss_sum = [], 0.0
-    for k in range(0, len(rows), args.micro_batch):
-        r = rows[k:k + args.micro_batch]
-        pr = keep_prompt[k:k + args.micro_batch]
-        mb = dict(input_ids=seqs[r], attention_mask=full[r], response_mask=rmask[r].bool(),
-                  image_grid_thw=b['image_grid_thw'][pr],
-                  pixel_values=torch.cat([b['pixel_values'][pix_start[j]:pix_start[j + 1]] for j in pr.tolist()]))
-        logp = grpo.token_logprobs(net, mb, micro_batch=len(r))                      # (mb, T) fp32
-        ref = None
-        if args.kl_coef > 0:
-            with torch.no_grad(), lora.lora_disabled(net):
-                ref = grpo.token_logprobs(net, mb, micro_batch=len(r))
-        # one optimizer step per rollout batch: the old policy is the current one (ratio 1, SPEC §6)
-        loss, st = grpo.grpo_loss(logp, logp.detach(), adv[k:k + args.micro_batch].to(logp.device),
-                                  mb['response_mask'], args.clip_eps, ref, args.kl_coef)
-        w = mb['response_mask'].sum() / n_tok                # token-level mean across micro-batches
-        (loss * w).backward()
-        loss_sum += loss.item() * w.item()
-        stats.append(st)
+    for j, (b, seqs, resp_mask, _) in enumerate(groups):
+        live = adv[j] != 0                                   # a constant group contributes nothing
+        rows, a = idx[j][live], adv[j][live]
+        for k in range(0, len(rows), args.micro_batch):
+            r, n = rows[k:k + args.micro_batch], len(rows[k:k + args.micro_batch])
+            prompt_mask = b['attention_mask'].expand(n, -1)                             # (n, P)
+            mb = dict(input_ids=seqs[r], attention_mask=torch.cat([prompt_mask, resp_mask[r].long()], 1),
+                      response_mask=torch.cat([torch.zeros_like(prompt_mask), resp_mask[r].long()], 1).bool(),
+                      image_grid_thw=b['image_grid_thw'].expand(n, -1), pixel_values=b['pixel_values'].repeat(n, 1))
+            logp = grpo.token_logprobs(net, mb, micro_batch=n)                         # (n, T) fp32
+            ref = None
+            if args.kl_coef > 0:  # the reference is the same network with the adapters off
+                with torch.no_grad(), lora.lora_disabled(net):
+                    ref = grpo.token_logprobs(net, mb, micro_batch=n)
+            # one optimizer step per rollout batch: the old policy is the current one (ratio 1, SPEC §6)
+            loss, st = grpo.grpo_loss(logp, logp.detach(), a[k:k + n].to(logp.device), mb['response_mask'],
+                                      args.clip_eps, ref, args.kl_coef)
+            w = mb['response_mask'].sum().item() / n_tok.item()
+            (loss * w).backward()
+            loss_sum += loss.item() * w
+            stats.append(st)
     if not math.isfinite(loss_sum):
         sys.exit(f'[train] non-finite loss at step {step + 1} (prompts {[s.id for s in samples]}); '
                  f'last good checkpoint: {ckpt}')
-    if ddp:  # average LoRA gradients over ranks (only they have any)
-        for q in params:
-            if q.grad is None:
-                q.grad = torch.zeros_like(q)
+    for q in params:
+        q.grad = torch.zeros_like(q) if q.grad is None else q.grad
+        if ddp:  # each rank holds its share of the global token mean: sum them
             dist.all_reduce(q.grad)
-            q.grad /= world_size
     gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step() if len(rows) else None
+    if stats:
+        opt.step()
     # 5. log
     mean = lambda key: float(np.mean([c[key] for c in comps]))
     rec = dict(step=step + 1, loss=loss_sum, reward=R.mean().item(), format=mean('format'),
                accuracy=mean('accuracy'), non_repeat=mean('non_repeat'), correct=mean('correct'),
                format_ok=float(np.mean([c['format'] >= 3 for c in comps])),
-               resp_len=resp_mask.sum(1).float().mean().item(), grad_norm=gnorm.item(),
-               trained_rows=len(rows), t_generate=t_gen, t_reward=t_rew,
-               t_update=time.time() - t0 - t_gen - t_rew, **rest.rest_stats(R, idx, G, success),
+               resp_len=float(np.mean([g[2].sum(1).float().mean().item() for g in groups])),
+               grad_norm=gnorm.item(), t_generate=t_gen, t_reward=t_rew, t_update=time.time() - t0 - t_gen - t_rew,
+               **rest.rest_stats(R, idx, G, success),
                **{k: float(np.mean([s[k] for s in stats])) if stats else 0.0 for k in ('clip_frac', 'kl')})
     if args.eval_every and (step + 1) % args.eval_every == 0 and rank == 0 and val:
         rec['val_giou'], ex = pipeline.heldout_giou(net, proc, seg, val, template, args.image_size,
@@ -296,4 +299,5 @@ for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc
     if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
         meta = dict(base=base, stage=args.stage, image_size=args.image_size, coord_mode=coord_mode, step=step + 1)
         save_checkpoint(step + 1, lambda d: lora.save_lora(net, os.path.join(d, 'adapter.safetensors'), meta))
-print(f'[train] stage {args.stage} done: {ckpt}' if rank == 0 else '', end='\n' if rank == 0 else '')
+if rank == 0:
+    print(f'[train] stage {args.stage} done: {ckpt}')

@@ -1,0 +1,119 @@
+"""End-to-end tests of train.py at the tiniest settings: one step of each stage, exact resume,
+2-process DDP (gloo) == 1 process, and clear errors on bad input.
+Stages 1-2 start from the shipped sandbox base (sandbox/stage0), so rollouts have varied rewards.
+Run: python -m pytest tests/test_train.py
+"""
+import json, os, subprocess, sys
+import pytest
+import torch
+
+import lora
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, 'sandbox', 'stage0')
+RL = ['--model', BASE, '--preset', 'sandbox', '--batch', '2', '--group', '4', '--rollouts', '4',
+      '--lora-r', '4', '--lora-alpha', '8', '--max-new-tokens', '60', '--eval-every', '0', '--lr', '1e-3']
+
+
+def run(*args, torchrun=False, ok=True):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false'}
+    cmd = [sys.executable] + (['-m', 'torch.distributed.run', '--nproc_per_node', '2'] if torchrun else [])
+    p = subprocess.run(cmd + [os.path.join(ROOT, 'train.py'), *map(str, args)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert (p.returncode == 0) == ok, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+def records(out):
+    return [json.loads(l) for l in open(os.path.join(out, 'log.jsonl'))]
+
+
+def adapter(out):
+    return lora.read_lora(os.path.join(out, 'last', 'adapter.safetensors'))[0]
+
+
+@pytest.fixture(scope='module')
+def two_steps(tmp_path_factory):
+    """The uninterrupted reference run: stage 1, two steps."""
+    out = str(tmp_path_factory.mktemp('s1_ref'))
+    run('--stage', 1, *RL, '--steps', 2, '--save-every', 1, '--out', out)
+    return out
+
+
+def test_stage0_trains_the_base(tmp_path):
+    out = str(tmp_path)
+    run('--stage', 0, '--steps', 2, '--batch', 2, '--eval-every', 2, '--eval-n', 2, '--max-new-tokens', 8,
+        '--out', out)
+    rec = records(out)
+    assert [r['step'] for r in rec] == [1, 2] and all(torch.isfinite(torch.tensor(r['loss'])) for r in rec)
+    assert 0.0 <= rec[-1]['val_giou'] <= 1.0
+    a, _ = M.load_policy(os.path.join(out, 'init'))
+    b, _ = M.load_policy(os.path.join(out, 'last'))
+    changed = [n for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()) if not torch.equal(x, y)]
+    assert any('visual' in n for n in changed) and any('language_model' in n for n in changed)
+
+
+def test_stage1_changes_only_lora_and_logs_finite_numbers(two_steps):
+    rec = records(two_steps)
+    assert [r['step'] for r in rec] == [1, 2]
+    for r in rec:
+        for k in ('loss', 'reward', 'format', 'accuracy', 'correct', 'grad_norm', 'resp_len', 't_generate'):
+            assert torch.isfinite(torch.tensor(float(r[k]))), k
+        assert 0 <= r['reward'] <= 13 and 0 <= r['correct'] <= 1
+    state = adapter(two_steps)
+    assert any(v.abs().sum() > 0 for k, v in state.items() if k.endswith('lora_B')), 'B never moved'
+    net, _ = M.load_policy(BASE, adapter=os.path.join(two_steps, 'last', 'adapter.safetensors'))
+    base, _ = M.load_policy(BASE)
+    own = dict(net.named_parameters())
+    for n, p in base.named_parameters():  # every base weight is untouched, wrapped or not
+        q = own.get(n) if n in own else own[n.replace('.weight', '.base.weight').replace('.bias', '.base.bias')]
+        assert torch.equal(p, q), n
+
+
+def test_resume_reproduces_the_uninterrupted_run(two_steps, tmp_path):
+    out = str(tmp_path)
+    run('--stage', 1, *RL, '--steps', 1, '--save-every', 1, '--out', out)
+    run('--stage', 1, *RL, '--steps', 2, '--save-every', 1, '--out', out, '--resume')
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith('t_')}
+    assert [drop(r) for r in records(out)] == [drop(r) for r in records(two_steps)]
+    ref, got = adapter(two_steps), adapter(out)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    run('--stage', 1, *RL, '--steps', 1, '--out', one)
+    rl = list(RL)
+    rl[rl.index('--batch') + 1] = '1'   # 2 ranks x 1 prompt == 1 rank x 2 prompts
+    run('--stage', 1, *rl, '--steps', 1, '--out', two, torchrun=True)
+    a, b = adapter(one), adapter(two)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith('lora_B'))
+
+
+def test_stage2_rest_continues_stage1(two_steps, tmp_path):
+    out = str(tmp_path)
+    init = os.path.join(two_steps, 'last', 'adapter.safetensors')
+    rl = list(RL)
+    rl[rl.index('--rollouts') + 1] = '8'  # REST: sample 8, keep 4
+    run('--stage', 2, *rl, '--steps', 1, '--init-adapter', init, '--out', out)
+    r = records(out)[0]
+    assert 0 <= r['reward'] <= 14 and 'rest_any_success_all' in r
+    assert r['rest_any_success_all'] >= r['rest_any_success_first_m']
+    a, b = lora.read_lora(init)[0], adapter(out)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_input_gives_one_clear_line(two_steps, tmp_path):
+    p = run('--stage', 2, '--model', BASE, '--steps', 1, '--out', str(tmp_path), ok=False)
+    assert '--init-adapter' in p.stderr and 'Traceback' not in p.stderr
+    p = run('--stage', 1, '--model', str(tmp_path / 'missing'), '--out', str(tmp_path), ok=False)
+    assert 'missing' in p.stderr and 'Traceback' not in p.stderr
+    rl = list(RL)
+    rl[rl.index('--lora-r') + 1] = '8'    # the stage-1 adapter has rank 4
+    p = run('--stage', 2, *rl, '--steps', 1, '--out', str(tmp_path),
+            '--init-adapter', os.path.join(two_steps, 'last', 'adapter.safetensors'), ok=False)
+    assert 'r=4' in p.stderr and 'Traceback' not in p.stderr
+    p = run('--stage', 1, '--sam-type', 'vit_q', ok=False)
+    assert 'vit_q' in p.stderr
