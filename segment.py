@@ -31,18 +31,23 @@ class SamSegmenter:
 
     @torch.no_grad()
     def predict_batch(self, boxes, points):
-        p = self.predictor
-        dev = p.device
-        box = p.transform.apply_boxes(np.asarray(boxes, float), p.original_size)
-        pts = p.transform.apply_coords(np.asarray(points, float)[:, None, :], p.original_size)
-        masks, scores, _ = p.predict_torch(
-            point_coords=torch.as_tensor(pts, dtype=torch.float, device=dev),  # (K, 1, 2)
-            point_labels=torch.ones(len(pts), 1, device=dev),                # (K, 1) foreground
-            boxes=torch.as_tensor(box, dtype=torch.float, device=dev),       # (K, 4)
-            multimask_output=True)                                            # (K, 3, H, W)
-        best = scores.argmax(1)                                               # (K,)
-        k = torch.arange(len(best), device=dev)
-        return masks[k, best].cpu().numpy(), scores[k, best].float().cpu().numpy()
+        """SamPredictor.predict_torch's steps, but identical prompts (rollouts often agree) are
+        decoded once, and only the best of the 3 masks is upscaled to the image size."""
+        p, sam = self.predictor, self.predictor.model
+        prompts = np.concatenate([np.asarray(boxes, float), np.asarray(points, float)], 1)  # (K, 6)
+        uniq, inverse = np.unique(prompts, axis=0, return_inverse=True)
+        box = torch.as_tensor(p.transform.apply_boxes(uniq[:, :4], p.original_size), dtype=torch.float, device=p.device)
+        pts = torch.as_tensor(p.transform.apply_coords(uniq[:, None, 4:], p.original_size), dtype=torch.float, device=p.device)
+        sparse, dense = sam.prompt_encoder(points=(pts, torch.ones(len(uniq), 1, device=p.device)),  # foreground
+                                           boxes=box, masks=None)
+        low, iou = sam.mask_decoder(image_embeddings=p.features, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                    multimask_output=True)                     # (U, 3, 256, 256), (U, 3)
+        best = iou.argmax(1)                                                    # (U,)
+        u = torch.arange(len(uniq), device=p.device)
+        masks = sam.postprocess_masks(low[u, best][:, None], p.input_size, p.original_size)[:, 0]
+        masks, scores = (masks > sam.mask_threshold).cpu().numpy(), iou[u, best].float().cpu().numpy()
+        return masks[inverse.reshape(-1)], scores[inverse.reshape(-1)]
 
 
 def load_sam(checkpoint, sam_type='vit_h', device='cpu'):

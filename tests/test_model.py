@@ -161,10 +161,11 @@ def test_batched_sam_equals_one_by_one():
     """predict_batch (one decoder batch) == SamPredictor.predict per object, best of 3."""
     seg = S.tiny_sam()
     img = np.random.default_rng(1).integers(0, 255, (80, 100, 3), dtype=np.uint8)
-    boxes, points = np.array([[5, 5, 50, 40], [30, 20, 90, 70]]), np.array([[20, 20], [60, 50]])
+    boxes = np.array([[5, 5, 50, 40], [30, 20, 90, 70], [5, 5, 50, 40]])  # the 3rd repeats the 1st
+    points = np.array([[20, 20], [60, 50], [20, 20]])
     seg.set_image(img, key='a')
     masks, scores = seg.predict_batch(boxes, points)
-    for k in range(2):
+    for k in range(3):
         m, s, _ = seg.predictor.predict(point_coords=points[k:k + 1].astype(float), point_labels=np.array([1]),
                                         box=boxes[k].astype(float), multimask_output=True)
         assert np.array_equal(masks[k], m[s.argmax()]) and np.isclose(scores[k], s.max(), atol=1e-5)
