@@ -2,7 +2,7 @@
 prompt, generate (one call for N samples per query), parse, map coordinates back to the original
 image, segment every object through the cached image embedding. Used by train.py (rollouts and
 held-out gIoU) and eval.py.
-Tested by: python -m pytest tests/test_pipeline.py
+Tested through tests/test_eval.py and tests/test_train.py (end to end).
 """
 import numpy as np
 import torch

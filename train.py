@@ -10,14 +10,13 @@
       --sam-type vit_h --data stage1.parquet ... # see README for the paper-scale command lines
 Tested by: python -m pytest tests/test_train.py
 """
-import argparse, json, math, os, shutil, sys, time
+import argparse, json, math, os, sys, time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-import data, grpo, lora, pipeline, rest, rewards, world
+import checkpoint, data, grpo, lora, pipeline, rest, rewards, world
 import model as M
 import segment as S
 
@@ -105,33 +104,6 @@ def run_earlier(stage):
     subprocess.run([sys.executable, sys.argv[0], '--stage', str(stage), '--device', args.device], check=True)
 
 
-def save_checkpoint(step, save_weights):
-    """Atomic: write everything into last.tmp, then swap it in with a rename."""
-    tmp = ckpt + '.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_weights(tmp)
-    with open(os.path.join(tmp, 'prompt.txt'), 'w') as f:
-        f.write(template)
-    torch.save({'opt': opt.state_dict(), 'step': step, 'config': config, 'torch_rng': torch.get_rng_state(),
-                'numpy_rng': np.random.get_state()}, os.path.join(tmp, 'trainer.pt'))
-    shutil.rmtree(ckpt + '.old', ignore_errors=True)
-    if os.path.exists(ckpt):
-        os.replace(ckpt, ckpt + '.old')
-    os.replace(tmp, ckpt)
-    shutil.rmtree(ckpt + '.old', ignore_errors=True)
-
-
-def restore(opt):
-    st = torch.load(os.path.join(ckpt, 'trainer.pt'), weights_only=False)
-    opt.load_state_dict(st['opt'])
-    torch.set_rng_state(st.get('torch_rng', st.get('rng')))
-    if 'numpy_rng' in st:
-        np.random.set_state(st['numpy_rng'])
-    print(f'[train] resumed {ckpt} at step {st["step"]}')
-    return st['step']
-
-
 # ------------------------------------------------------------------ stage 0: supervised warm-up
 if args.stage == 0:
     resume = args.resume and os.path.isdir(ckpt)
@@ -141,22 +113,16 @@ if args.stage == 0:
     net, proc = M.load_policy(src, device=args.device)
     template = M.load_template(args.prompt_file or 'stage1', src)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
-    start = restore(opt) if resume else 0
+    start = checkpoint.restore(ckpt, opt) if resume else 0
     sched = lambda s: min(1.0, (s + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps)))
     val, seg = world.dataset('val', args.eval_n, families=('explicit',)), S.ColorSegmenter()
     net.train()
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc='stage 0'):
         t0 = time.time()
         batch = world.dataset('train', args.batch, families=('explicit',), start=step * args.batch)
-        answers = [world.answer_text(s, (args.image_size,) * 2) for s in batch]
-        b = M.make_inputs(proc, [data.resize_for_model(s.image, args.image_size) for s in batch],
-                          [M.build_prompt(s.query, template) for s in batch], answers).to(args.device)
-        labels = torch.full_like(b['input_ids'], -100)
-        for i, a in enumerate(answers):  # left padding: the answer is the last n tokens of a row
-            n = len(proc.tokenizer(a + '<|im_end|>', add_special_tokens=False).input_ids)
-            labels[i, -n:] = b['input_ids'][i, -n:]
-        logits = net(**b).logits[:, :-1].float()                          # (B, T-1, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        b, labels = world.teacher_batch(proc, batch, template, args.image_size)  # labels -100 but the answer
+        logits = net(**b.to(args.device)).logits[:, :-1].float()                 # (B, T-1, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(args.device))
         for g in opt.param_groups:
             g['lr'] = args.lr * sched(step)
         opt.zero_grad(set_to_none=True)
@@ -171,7 +137,7 @@ if args.stage == 0:
             tqdm.write(f"step {step + 1}: loss {rec['loss']:.3f} val gIoU {rec['val_giou']:.3f} | {rec['val_example'][:80]}")
         log(rec)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_checkpoint(step + 1, lambda d: (net.save_pretrained(d), proc.save_pretrained(d)))
+            checkpoint.save(ckpt, lambda d: (net.save_pretrained(d), proc.save_pretrained(d)), opt, step + 1, config, template)
     print(f'[train] stage 0 done: {ckpt}')
     sys.exit(0)
 
@@ -205,7 +171,7 @@ opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=arg
 start = 0
 if args.resume and os.path.isdir(ckpt):
     lora.load_lora(net, os.path.join(ckpt, 'adapter.safetensors'))
-    start = restore(opt)
+    start = checkpoint.restore(ckpt, opt)
 families = ('explicit',) if args.stage == 1 else REASONING
 val = [] if args.data else world.dataset('val', args.eval_n, families=families)  # real data: eval.py
 N, G = args.rollouts, args.group  # sampled per prompt, kept for the update (REST when N > G)
@@ -298,6 +264,7 @@ for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc
     log(rec)
     if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
         meta = dict(base=base, stage=args.stage, image_size=args.image_size, coord_mode=coord_mode, step=step + 1)
-        save_checkpoint(step + 1, lambda d: lora.save_lora(net, os.path.join(d, 'adapter.safetensors'), meta))
+        checkpoint.save(ckpt, lambda d: lora.save_lora(net, os.path.join(d, 'adapter.safetensors'), meta),
+                        opt, step + 1, config, template)
 if rank == 0:
     print(f'[train] stage {args.stage} done: {ckpt}')

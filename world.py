@@ -15,9 +15,11 @@ Tested by: python -m pytest tests/test_world.py
 """
 import json
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
-from data import Sample
+import data
+import model as M
 
 SIZE, GRID, N_OBJ, JITTER = 224, 3, 3, 6       # original image side, grid, objects, px jitter
 COLORS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (50, 90, 230),
@@ -151,7 +153,7 @@ def sample(split, index, families=FAMILIES):
                           (np.nonzero(m) for m in masks)], float).reshape(-1, 4)
         points = np.array([_peak(m, b) for m, b in zip(masks, boxes)], float).reshape(-1, 2)
         labels = [f"{objs[i]['color']} {objs[i]['shape']}" for i in hit]
-        return Sample(id=f'world/{split}/{index}', image=image, query=query, masks=masks,
+        return data.Sample(id=f'world/{split}/{index}', image=image, query=query, masks=masks,
                       boxes=boxes, points=points, labels=labels, reasoning_type=family)
     raise RuntimeError(f'world: no valid query for {split}/{index}')
 
@@ -176,6 +178,19 @@ def answer_text(s, input_wh):
              'point_2d': [r(p[0], fx), r(p[1], fy)]} for lab, b, p in zip(s.labels, s.boxes, s.points)]
     think = ', '.join(s.labels) if s.labels else 'nothing'
     return f'<think>{think}</think><answer>{json.dumps(objs, separators=(",", ":"))}</answer>'
+
+
+def teacher_batch(proc, samples, template, image_size):
+    """Stage-0 inputs with the teacher answers appended, and labels that are -100 everywhere but on
+    the answer tokens (left padding: the answer is the last n tokens of each row)."""
+    answers = [answer_text(s, (image_size, image_size)) for s in samples]
+    b = M.make_inputs(proc, [data.resize_for_model(s.image, image_size) for s in samples],
+                      [M.build_prompt(s.query, template) for s in samples], answers)
+    labels = torch.full_like(b['input_ids'], -100)
+    for i, a in enumerate(answers):
+        n = len(proc.tokenizer(a + '<|im_end|>', add_special_tokens=False).input_ids)
+        labels[i, -n:] = b['input_ids'][i, -n:]
+    return b, labels
 
 
 def vocabulary():
