@@ -38,7 +38,7 @@ p.add_argument('--wd', type=float, default=1e-3, help='AdamW weight decay (SPEC 
 p.add_argument('--clip-eps', type=float, default=0.2, help='PPO clip range')
 p.add_argument('--kl-coef', type=float, default=0.0, help='k3 KL to the adapters-off base (StAR: 0)')
 p.add_argument('--lora-r', type=int, default=None, help='LoRA rank (SPEC §7: 64; sandbox 16)')
-p.add_argument('--lora-alpha', type=float, default=None, help='LoRA alpha (SPEC §7: 64; sandbox 16)')
+p.add_argument('--lora-alpha', type=float, default=None, help='LoRA alpha (SPEC §7: 64; sandbox 32)')
 p.add_argument('--temperature', type=float, default=1.0, help='rollout sampling temperature')
 p.add_argument('--top-p', type=float, default=1.0, help='rollout nucleus sampling')
 p.add_argument('--micro-batch', type=int, default=16, help='rows per forward/backward')
@@ -56,15 +56,26 @@ p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu
 args = p.parse_args()
 config = vars(args)
 
+# torch.distributed: one process per GPU under torchrun; rank 0 logs and saves
+ddp = 'RANK' in os.environ
+rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+if ddp:
+    import torch.distributed as dist
+    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    if torch.cuda.is_available():
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+
 # Sandbox defaults (tiny model, synthetic world, CPU minutes); paper values apply with --model.
 SANDBOX_BASE = 'sandbox/stage0'   # the shipped stage-0 tiny base (README: the command that made it)
 SANDBOX_PROMPT = 'find: {question}'
 REASONING = ('P/F', 'C/KI', 'C/R', 'C/MH')
-PAPER = {1: dict(batch=16, group=16, rollouts=16, lr=1e-5, lora_r=64, lora_alpha=64, steps=323),
-         2: dict(batch=16, group=16, rollouts=256, lr=5e-6, lora_r=64, lora_alpha=64, steps=150)}
+paper_batch = max(1, 16 // world_size)  # SPEC §6: 16 prompts per step in all, shared by the ranks
+PAPER = {1: dict(batch=paper_batch, group=16, rollouts=16, lr=1e-5, lora_r=64, lora_alpha=64, steps=323),
+         2: dict(batch=paper_batch, group=16, rollouts=256, lr=5e-6, lora_r=64, lora_alpha=64, steps=150)}
 SANDBOX = {0: dict(batch=16, steps=9000, lr=1e-3, eval_every=1000, save_every=500),
-           1: dict(batch=8, group=8, rollouts=8, lr=3e-4, lora_r=16, lora_alpha=16, steps=60),
-           2: dict(batch=8, group=8, rollouts=16, lr=3e-4, lora_r=16, lora_alpha=16, steps=80)}
+           1: dict(batch=8, group=8, rollouts=8, lr=2e-3, lora_r=16, lora_alpha=32, steps=40),
+           2: dict(batch=8, group=8, rollouts=16, lr=2e-3, lora_r=16, lora_alpha=32, steps=80)}
 args.preset = args.preset or ('paper' if args.model else 'sandbox')
 if args.stage == 0 and args.preset == 'paper':
     sys.exit('--stage 0 trains the tiny sandbox base only; a real Qwen-VL starts at --stage 1')
@@ -75,15 +86,6 @@ for k, v in {**dict(eval_every=20, save_every=20, image_size=112, max_new_tokens
         config[k] = v
 args.out = args.out or f'runs/stage{args.stage}'
 
-# torch.distributed: one process per GPU under torchrun; rank 0 logs and saves
-ddp = 'RANK' in os.environ
-rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
-if ddp:
-    import torch.distributed as dist
-    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    if torch.cuda.is_available():
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
 torch.manual_seed(args.seed)
 np.random.seed(args.seed)
 os.makedirs(args.out, exist_ok=True)
