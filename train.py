@@ -188,6 +188,9 @@ def get_samples(step):
     return [train_set[np.random.default_rng([args.seed, i // n]).permutation(n)[i % n]] for i in ids], ids
 
 
+if args.eval_every and start == 0 and rank == 0 and val:  # the starting point of the held-out curve
+    log(dict(step=0, val_giou=pipeline.heldout_giou(net, proc, seg, val, template, args.image_size, coord_mode,
+                                                    args.max_new_tokens)[0]))
 net.train()
 for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f'stage {args.stage}',
                  disable=rank != 0):

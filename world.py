@@ -3,13 +3,13 @@
 Scenes of 3 flat-coloured shapes on a 3x3 grid (small jitter) with exact instance masks. Queries:
 explicit grounding for stages 0-1 ("the red circle", "all blue shapes", absent targets -> empty),
 and the four ReasonSeg-X reasoning types for stage 2 / evaluation:
-  P/F  purpose-functional      "something that could roll"            -> circles
+  P/F  purpose-functional      "something that could be a wheel"      -> circles
   C/KI commonsense-knowledge   "the shape coloured like grass"        -> green shapes
   C/R  comparative-relational  "the largest shape", "every shape left of the red circle" 
   C/MH compositional multi-hop "same colour as the circle, not a circle"
 Every family has multi-target and no-target cases. Splits never share a scene seed; query frames
 (the wording around the cue) are split too, so test queries are phrasings never trained on, while
-the knowledge cues (roll, grass, ...) are shared. Why a grid: a tiny model from scratch only
+the knowledge cues (wheel, grass, ...) are shared. Why a grid: a tiny model from scratch only
 learns to read positions reliably with coarse layouts (../shared/notes/sandbox-learnability.md).
 Tested by: python -m pytest tests/test_world.py
 """
@@ -28,10 +28,8 @@ SHAPES = ('circle', 'square', 'triangle', 'diamond')
 BACKGROUND = (30, 30, 30)
 SPLIT_BASE = {'train': 0, 'val': 10_000_000, 'test': 20_000_000}
 # knowledge cues (shared by all splits) and frames (split: the last frame of each family is held out)
-FUNCTION = {'roll': 'circle', 'wheel': 'circle', 'tile': 'square', 'box': 'square',
-            'warning sign': 'triangle', 'slice of pizza': 'triangle', 'kite': 'diamond', 'gem': 'diamond'}
-KNOWLEDGE = {'grass': 'green', 'leaves': 'green', 'sky': 'blue', 'sea': 'blue', 'tomato': 'red',
-             'fire truck': 'red', 'banana': 'yellow', 'sun': 'yellow', 'snow': 'white', 'milk': 'white'}
+FUNCTION = {'wheel': 'circle', 'tile': 'square', 'warning sign': 'triangle', 'kite': 'diamond'}
+KNOWLEDGE = {'grass': 'green', 'sky': 'blue', 'tomato': 'red', 'banana': 'yellow', 'snow': 'white'}
 FRAMES = {
     'explicit': ['the {c} {s}', 'all {c} shapes', 'every {s}', 'find the {c} {s}'],
     'P/F': ['something that could be a {f}', 'which shape would work as a {f}', 'what looks like a {f}'],
