@@ -209,7 +209,7 @@ for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc
     scored = [rewards.score_group(g[3], s, seg, args.stage, (args.image_size,) * 2, coord_mode, key=s.id)
               for g, s in zip(groups, samples)]
     R = torch.tensor([[r for r, _ in g] for g in scored])                               # (B, N)
-    comps = [c for g in scored for _, c in g]
+    comps = [dict(c, total=r) for g in scored for r, c in g]
     success = torch.tensor([[c['correct'] for _, c in g] for g in scored])              # (B, N)
     # 3. REST keeps the G extremes of N (plain GRPO when N == G); advantages over the kept only
     idx = rest.select(R, G)                                                             # (B, G)
@@ -250,11 +250,14 @@ for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc
         if ddp:  # each rank holds its share of the global token mean: sum them
             dist.all_reduce(q.grad)
     gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-    if stats:
-        opt.step()
-    # 5. log
+    opt.step()  # on every rank, even one whose own groups were all flat: the gradient is global
+    # 5. log (rollout numbers over all ranks; REST stats are rank 0's share)
+    if ddp:
+        shards = [None] * world_size
+        dist.all_gather_object(shards, comps)
+        comps = [c for sh in shards for c in sh]
     mean = lambda key: float(np.mean([c[key] for c in comps]))
-    rec = dict(step=step + 1, loss=loss_sum, reward=R.mean().item(), format=mean('format'),
+    rec = dict(step=step + 1, loss=loss_sum, reward=mean('total'), format=mean('format'),
                accuracy=mean('accuracy'), non_repeat=mean('non_repeat'), correct=mean('correct'),
                format_ok=float(np.mean([c['format'] >= 3 for c in comps])),
                resp_len=float(np.mean([g[2].sum(1).float().mean().item() for g in groups])),

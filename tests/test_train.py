@@ -87,8 +87,12 @@ def test_ddp_two_processes_equal_one(tmp_path):
     rl = list(RL)
     rl[rl.index('--batch') + 1] = '1'   # 2 ranks x 1 prompt == 1 rank x 2 prompts
     run('--stage', 1, *rl, '--steps', 1, '--out', two, torchrun=True)
+    assert [r['reward'] for r in records(one)] == [r['reward'] for r in records(two)]  # same rollouts
     a, b = adapter(one), adapter(two)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    # Adam's first step is lr * g / |g|: an element whose gradient is ~0 can flip sign with the
+    # summation order of all_reduce. Everything else must agree to float precision.
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diff > 1e-6).float().mean() < 1e-3 and diff.max() <= 2e-3 + 1e-6
     assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith('lora_B'))
 
 
