@@ -126,7 +126,7 @@ def make_query(rng, objs, family, split):
         i = _relation(objs, r)
         return None if i is None else (frame.format(r=r), [i])
     # C/MH: the colour of the (unique) shape s, on objects that are not an s; absent = no such one
-    uniq = [s for s in set(shapes) if shapes.count(s) == 1]
+    uniq = [s for s in SHAPES if shapes.count(s) == 1]  # ordered: a set's order changes per process
     if not uniq:
         return None
     s = uniq[rng.integers(len(uniq))]

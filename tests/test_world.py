@@ -2,7 +2,7 @@
 template disjointness, and the teacher answer.
 Run: python -m pytest tests/test_world.py
 """
-import re
+import os, re, subprocess, sys
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -28,6 +28,16 @@ def test_deterministic_and_splits_disjoint():
     assert a.query == b.query and np.array_equal(a.image, b.image) and np.array_equal(a.masks, b.masks)
     imgs = {split: [W.sample(split, i).image.tobytes() for i in range(40)] for split in ('train', 'val', 'test')}
     assert not set(imgs['train']) & set(imgs['test']) and not set(imgs['val']) & set(imgs['test'])
+
+
+def test_same_samples_in_every_process():
+    """String hashing is salted per process (PYTHONHASHSEED): nothing may depend on set order."""
+    code = ("import world; print([(s.query, s.labels) for s in world.dataset('test', 40)] + "
+            "[(s.query, s.labels) for s in world.dataset('train', 40, families=('C/MH',))])")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = {subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True, check=True,
+                           env={**os.environ, 'PYTHONHASHSEED': str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(outs) == 1
 
 
 def frame_regex(frame):
