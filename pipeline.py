@@ -32,13 +32,16 @@ def generate(net, proc, samples, template, image_size, n=1, greedy=True, tempera
     return b, seqs, mask, texts
 
 
-def segment_answers(seg, sample, texts, image_size, coord_mode):
+def segment_answers(seg, sample, texts, image_size, coord_mode, key=None):
     """The n answers to one query -> per answer (objects in original px, or None if unparsable;
-    masks (K,H,W); scores (K,)). All objects of all answers go through one decoder batch."""
+    masks (K,H,W); scores (K,)). All objects of all answers go through one decoder batch, with the
+    image embedding cached under `key` (default: the sample's id). image_size: side or (w, h)."""
     H, W = sample.image.shape[:2]
+    wh = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size, image_size)
     objs = [M.parse_answer(t) for t in texts]
-    objs = [None if o is None else M.to_original(o, (W, H), (image_size, image_size), coord_mode) for o in objs]
-    masks, scores = S.segment(seg, sample.image, [o for os_ in objs for o in (os_ or [])], key=sample.id)
+    objs = [None if o is None else M.to_original(o, (W, H), wh, coord_mode) for o in objs]
+    masks, scores = S.segment(seg, sample.image, [o for os_ in objs for o in (os_ or [])],
+                              key=sample.id if key is None else key)
     out, k = [], 0
     for os_ in objs:
         m = len(os_ or [])

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 import model as M
-import segment
 
 _TAGS = re.compile(r'<think>.*?</think>\s*<answer>.*?</answer>', re.S)
 _ANSWER = re.compile(r'<answer>.*?</answer>', re.S)
@@ -157,17 +156,14 @@ def reward(text, sample, masks, stage, objects=None):
 
 def score_group(texts, sample, segmenter, stage, input_wh, coord_mode='pixel', key=None):
     """The G rollouts of one prompt -> [(total, components)]. Every object of every rollout goes
-    through ONE segment.segment call (image encoded once, cached by `key`); the GT masks are
-    flattened once in one IoU matmul against all predicted masks (SPEC §4)."""
-    H, W = sample.image.shape[:2]
-    objs = [M.parse_answer(t) for t in texts]
-    objs = [None if o is None else M.to_original(o, (W, H), input_wh, coord_mode) for o in objs]
-    flat = [o for os_ in objs for o in (os_ or [])]  # objects with neither box nor point: empty
-    masks, _ = segment.segment(segmenter, sample.image, flat, key=key)  # (Σ M, H, W)
-    ious = mask_iou_matrix(np.asarray(masks, bool), sample.masks)     # (Σ M, N)
+    through ONE segmenter call (pipeline.segment_answers: image encoded once, cached by `key`); the
+    GT masks are flattened once in one IoU matmul against all predicted masks (SPEC §4)."""
+    import pipeline  # the inference path: parse, map to the original image, segment
+    answers = pipeline.segment_answers(segmenter, sample, texts, input_wh, coord_mode, key=key)
+    masks = np.concatenate([m for _, m, _ in answers]) if answers else np.zeros((0, *sample.image.shape[:2]), bool)
+    ious = mask_iou_matrix(masks, sample.masks)                        # (Σ M, N)
     out, start = [], 0
-    for text, os_ in zip(texts, objs):
-        k = len(os_ or [])
-        out.append(_score(text, os_, ious[start:start + k], sample, stage))
-        start += k
+    for text, (objs, m, _) in zip(texts, answers):
+        out.append(_score(text, objs, ious[start:start + len(m)], sample, stage))
+        start += len(m)
     return out
