@@ -113,14 +113,9 @@ def overlay(image, gt, ignore, layers):
 
 
 # ------------------------------------------------------------------ setup
-ddp = 'RANK' in os.environ  # torchrun: shard the data, gather the per-sample records to rank 0
-rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+ddp, rank, world_size, args.device = M.init_distributed(args.device)  # torchrun: shard, gather to rank 0
 if ddp:
     import torch.distributed as dist
-    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    if torch.cuda.is_available():
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
 sandbox = args.model is None
 if sandbox and args.adapter is None:
     args.adapter = next((f for f in (f'runs/stage{k}/last/adapter.safetensors' for k in (2, 1)) if os.path.isfile(f)), None)

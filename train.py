@@ -57,14 +57,9 @@ args = p.parse_args()
 config = vars(args)
 
 # torch.distributed: one process per GPU under torchrun; rank 0 logs and saves
-ddp = 'RANK' in os.environ
-rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+ddp, rank, world_size, args.device = M.init_distributed(args.device)
 if ddp:
     import torch.distributed as dist
-    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    if torch.cuda.is_available():
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
 
 # Sandbox defaults (tiny model, synthetic world, CPU minutes); paper values apply with --model.
 SANDBOX_BASE = 'sandbox/stage0'   # the shipped stage-0 tiny base (README: the command that made it)
