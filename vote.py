@@ -9,26 +9,42 @@ Tested by: python -m pytest tests/test_vote.py
 import numpy as np
 import torch
 
-# Pixels per Gram block on CPU: one reused (P, CPU_CHUNK) buffer (~12 MB for 96 masks) instead of
+# Pixels per Gram block on CPU: one reused (P, CPU_CHUNK) buffer (~6 MB for 96 masks) instead of
 # a fresh P x H*W copy, whose page faults cost more than the product; int8 GEMMs are slow below ~64K.
-CPU_CHUNK = 1 << 17
+CPU_CHUNK = 1 << 16
 
 
 def _cpu_gram(flat):
     """P flat (H*W,) bool CPU masks -> (P, P) int64 pixel intersection counts, exact.
-    Blocks of pixels are copied side by side and multiplied as int8 (bool and int8 share the byte
-    layout): no float copy, int32 sums, ~5x faster than an fp32 GEMM. numpy does the copy because it
-    copies serially: torch's parallel copies of many small slices stall when the cores are shared."""
+    The pixels are cut into blocks; a block's product only takes the masks that have a pixel in it
+    (objects are compact, so most masks skip most blocks: ~3x less copying, ~5x fewer MACs than the
+    dense Gram). A block's masks are copied side by side and multiplied as int8 (bool and int8 share
+    the byte layout): no float copy, int32 sums. numpy does the copy because it copies serially:
+    torch's parallel copies of many small slices stall when the cores are shared."""
     flat = [f.numpy() for f in flat]
     d, p = flat[0].size, len(flat)
-    buf = np.empty(p * min(d, CPU_CHUNK), dtype=bool)
-    inter = 0
-    for c in range(0, d, CPU_CHUNK):
-        block = buf[:p * min(CPU_CHUNK, d - c)].reshape(p, -1)  # (P, C), contiguous when ragged too
-        np.stack([f[c:c + CPU_CHUNK] for f in flat], out=block)
+    c = min(d, CPU_CHUNK)
+    nb, k = -(-d // c), 8 if d % 8 == 0 and c % 8 == 0 else 1  # blocks; pixels per word read
+    occ = np.zeros((p, nb), bool)  # (P, blocks): mask i has a pixel in block b
+    for i, f in enumerate(flat):
+        w, cw = (f.view(np.uint64) if k == 8 else f), c // k  # any() over 8-pixel words: 8x fewer reads
+        n = len(w) // cw * cw
+        occ[i, :n // cw] = w[:n].reshape(-1, cw).max(1) > 0  # max: SIMD, 2x any()
+        if n < len(w):
+            occ[i, -1] = w[n:].max() > 0
+    buf = np.empty(p * c, dtype=bool)
+    inter = torch.zeros(p, p, dtype=torch.int64)
+    for b in range(nb):
+        rows = np.flatnonzero(occ[:, b])
+        if len(rows) == 0:
+            continue
+        lo, hi = b * c, min(d, b * c + c)
+        block = buf[:len(rows) * (hi - lo)].reshape(len(rows), -1)  # (p_b, C), contiguous when ragged too
+        np.stack([flat[r][lo:hi] for r in rows], out=block)
         i8 = torch.from_numpy(block).view(torch.int8)
-        inter = inter + torch._int_mm(i8, i8.T)  # (P, P) int32
-    return inter.long()
+        ix = torch.from_numpy(rows)
+        inter[ix[:, None], ix] += torch._int_mm(i8, i8.T)  # (p_b, p_b) int32
+    return inter
 
 
 def pairwise_iou(masks):

@@ -105,6 +105,22 @@ def test_pairwise_iou_matches_numpy_loop(monkeypatch):
         assert area.tolist() == [int(m.sum()) for m in masks]
 
 
+def test_pairwise_iou_skips_empty_blocks_exactly(monkeypatch):
+    """Compact masks touch few pixel blocks: the block-sparse Gram must still equal the loop, for
+    8-pixel-word scans (H*W % 8 == 0) and byte scans, with ragged last blocks."""
+    g = torch.Generator().manual_seed(1)
+    for h, w in ((32, 24), (31, 23)):
+        masks = []
+        for _ in range(9):
+            y, x = torch.randint(0, h - 6, (2,), generator=g).tolist()
+            masks.append(rect(h, w, y, x % (w - 6), y + 6, x % (w - 6) + 5))
+        masks += [masks[0] | masks[1], rect(h, w, h - 3, w - 4, h, w), torch.zeros(h, w, dtype=torch.bool)]
+        ref = np.array([[np_iou(a.numpy(), b.numpy()) for b in masks] for a in masks])
+        for chunk in (64, 40, 1 << 16):
+            monkeypatch.setattr(vote, 'CPU_CHUNK', chunk)
+            assert np.array_equal(pairwise_iou(masks)[0].numpy(), ref), (h, w, chunk)
+
+
 H, W = 16, 40
 A, B, C, D = rect(H, W, 0, 0, 8, 8), rect(H, W, 0, 20, 8, 28), rect(H, W, 10, 0, 16, 6), \
     rect(H, W, 10, 30, 16, 38)
