@@ -21,7 +21,7 @@ import segment as S
 
 p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument('--stage', type=int, default=2, choices=[0, 1, 2], help='training stage (see above)')
-p.add_argument('--model', default=None, help='local Qwen-VL checkpoint dir (default: the sandbox model)')
+p.add_argument('--model', default=None, help='local Qwen-VL checkpoint dir (default: the sandbox model; stage 0: a tiny base to continue)')
 p.add_argument('--preset', default=None, choices=['sandbox', 'paper'], help='default settings (default: paper with --model, else sandbox)')
 p.add_argument('--data', default=None, help='training data (data.load_dataset; default: synthetic world)')
 p.add_argument('--sam', default=None, help='segment-anything checkpoint file (default: colour segmenter)')
@@ -42,6 +42,7 @@ p.add_argument('--temperature', type=float, default=1.0, help='rollout sampling 
 p.add_argument('--top-p', type=float, default=1.0, help='rollout nucleus sampling')
 p.add_argument('--micro-batch', type=int, default=16, help='rows per forward/backward')
 p.add_argument('--warmup', type=int, default=200, help='stage 0: linear warm-up steps, then cosine to 0.1x')
+p.add_argument('--guess-frac', type=float, default=0.25, help='stage 0: share of reasoning queries answered by a query-blind random pick')
 p.add_argument('--image-size', type=int, default=None, help='model input side (SPEC §3: 840; sandbox 112)')
 p.add_argument('--coord-mode', default=None, choices=['pixel', 'grid1000', 'unit', 'auto'], help='answer coordinates (default: pixel for Qwen2/2.5, auto for Qwen3)')
 p.add_argument('--max-new-tokens', type=int, default=None, help='longest response (SPEC §6: 2048; sandbox 160)')
@@ -70,8 +71,8 @@ PAPER = {1: dict(batch=paper_batch, group=16, rollouts=16, lr=1e-5, lora_r=64, l
 SANDBOX = {0: dict(batch=16, steps=9000, lr=1e-3, eval_every=1000, save_every=500),
            1: dict(batch=8, group=8, rollouts=8, lr=2e-3, lora_r=16, lora_alpha=32, steps=40),
            2: dict(batch=8, group=8, rollouts=16, lr=2e-3, lora_r=16, lora_alpha=32, steps=80)}
-args.preset = args.preset or ('paper' if args.model else 'sandbox')
-if args.stage == 0 and args.preset == 'paper':
+args.preset = args.preset or ('paper' if args.model and args.stage > 0 else 'sandbox')
+if args.stage == 0 and args.preset == 'paper':  # stage 0 --model DIR continues a tiny base
     sys.exit('--stage 0 trains the tiny sandbox base only; a real Qwen-VL starts at --stage 1')
 for k, v in {**dict(eval_every=20, save_every=20, image_size=112, max_new_tokens=160), **(
         dict(image_size=840, max_new_tokens=2048, **PAPER[args.stage]) if args.preset == 'paper'

@@ -13,11 +13,13 @@ import checkpoint, pipeline, world
 import model as M
 import segment as S
 
+GUESS_BASE = 5_000_000  # train indices of the guessed samples: other scenes than the explicit ones
+
 
 def run(args, config, ckpt, log, prompt):
     """Build (or resume) the tiny base and train all its weights; checkpoints go to `ckpt`."""
     resume = args.resume and os.path.isdir(ckpt)
-    src = ckpt if resume else M.build_tiny_policy(
+    src = ckpt if resume else args.model or M.build_tiny_policy(
         os.path.join(args.out, 'init'), words=world.vocabulary(), seed=args.seed,
         image_size=args.image_size, prompt=prompt)
     net, proc = M.load_policy(src, device=args.device)
@@ -29,7 +31,10 @@ def run(args, config, ckpt, log, prompt):
     net.train()
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc='stage 0'):
         t0 = time.time()
-        batch = world.dataset('train', args.batch, families=('explicit',), start=step * args.batch)
+        n_guess = round(args.batch * args.guess_frac)  # reasoning words with query-blind answers
+        batch = world.dataset('train', args.batch - n_guess, families=('explicit',), start=step * args.batch) + [
+            world.sample('train', GUESS_BASE + step * args.batch + i, world.FAMILIES[1:], guess=True)
+            for i in range(n_guess)]
         b, labels = world.teacher_batch(proc, batch, template, args.image_size)  # labels -100 but the answer
         logits = net(**b.to(args.device)).logits[:, :-1].float()                 # (B, T-1, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(args.device))

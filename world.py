@@ -135,8 +135,9 @@ def make_query(rng, objs, family, split):
     return (frame.format(s=s), hit) if bool(hit) != absent else None
 
 
-def sample(split, index, families=FAMILIES):
-    """The index-th sample of a split: deterministic, built on the fly."""
+def sample(split, index, families=FAMILIES, guess=False):
+    """The index-th sample of a split: deterministic, built on the fly. guess=True swaps the targets
+    for a random pick among the scene's objects that ignores the query (stage 0's prior, see below)."""
     for attempt in range(100):
         rng = np.random.default_rng([SPLIT_BASE[split] + index, attempt])
         family = families[rng.integers(len(families))]
@@ -145,6 +146,8 @@ def sample(split, index, families=FAMILIES):
         if q is None:
             continue
         query, hit = q
+        if guess:  # 0, 1 or 2 objects, chosen without looking at the query: the words, never the answer
+            hit = list(rng.choice(len(objs), rng.choice(3, p=[0.1, 0.75, 0.15]), replace=False))
         hit = sorted(hit, key=lambda i: objs[i]['cell'])       # row-major answer order
         masks = np.stack([objs[i]['mask'] for i in hit]) if hit else np.zeros((0, SIZE, SIZE), bool)
         boxes = np.array([[xs.min(), ys.min(), xs.max(), ys.max()] for ys, xs in

@@ -43,7 +43,7 @@ def two_steps(tmp_path_factory):
 
 def test_stage0_trains_the_base(tmp_path):
     out = str(tmp_path)
-    run('--stage', 0, '--steps', 2, '--batch', 2, '--eval-every', 2, '--eval-n', 2, '--max-new-tokens', 8,
+    run('--stage', 0, '--steps', 2, '--batch', 4, '--eval-every', 2, '--eval-n', 2, '--max-new-tokens', 8,
         '--out', out)
     rec = records(out)
     assert [r['step'] for r in rec] == [1, 2] and all(torch.isfinite(torch.tensor(r['loss'])) for r in rec)

@@ -111,3 +111,16 @@ def test_teacher_answer_parses_to_the_ground_truth():
         for o, b in zip(back, s.boxes):
             assert np.abs(np.array(o['bbox_2d']) - b).max() <= 2  # one model pixel = 2 original px
         assert W.answer_text(s, (112, 112)).startswith('<think>')
+
+
+def test_guessed_answers_ignore_the_query():
+    """Stage 0's guessed samples keep the scene and the query but answer with 0-2 random objects of
+    the scene: they teach the words and the format, and agree with the truth only by chance."""
+    agree = 0
+    for i in range(200):
+        s, g = W.sample('train', i, W.FAMILIES[1:]), W.sample('train', i, W.FAMILIES[1:], guess=True)
+        assert g.query == s.query and np.array_equal(g.image, s.image) and len(g.masks) <= 2
+        scene = [o['mask'] for o in attributes(g)]
+        assert all(any(np.array_equal(m, o) for o in scene) for m in g.masks)
+        agree += sorted(g.labels) == sorted(s.labels)
+    assert 0.1 < agree / 200 < 0.5, agree  # chance (~1/3 for one of three objects), not the answer
