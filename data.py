@@ -23,6 +23,7 @@ class Sample:
     labels: list = field(default_factory=list)  # K short names ("red circle"); may be empty
     reasoning_type: str = None    # ReasonSeg-X type / world family, e.g. "P/F"; None if unknown
     ignore: np.ndarray = None     # (H, W) bool pixels excluded from metrics, or None
+    think: str = None             # a teacher's reasoning for stage 0 (synthetic world), or None
 
     @property
     def gt_mask(self):

@@ -42,7 +42,7 @@ p.add_argument('--temperature', type=float, default=1.0, help='rollout sampling 
 p.add_argument('--top-p', type=float, default=1.0, help='rollout nucleus sampling')
 p.add_argument('--micro-batch', type=int, default=16, help='rows per forward/backward')
 p.add_argument('--warmup', type=int, default=200, help='stage 0: linear warm-up steps, then cosine to 0.1x')
-p.add_argument('--guess-frac', type=float, default=0.25, help='stage 0: share of reasoning queries answered by a query-blind random pick')
+p.add_argument('--guess-frac', type=float, default=0.5, help='stage 0: share of reasoning queries answered by a query-blind random pick')
 p.add_argument('--image-size', type=int, default=None, help='model input side (SPEC §3: 840; sandbox 112)')
 p.add_argument('--coord-mode', default=None, choices=['pixel', 'grid1000', 'unit', 'auto'], help='answer coordinates (default: pixel for Qwen2/2.5, auto for Qwen3)')
 p.add_argument('--max-new-tokens', type=int, default=None, help='longest response (SPEC §6: 2048; sandbox 160)')

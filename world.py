@@ -9,8 +9,10 @@ and the four ReasonSeg-X reasoning types for stage 2 / evaluation:
   C/MH compositional multi-hop "same colour as the circle, not a circle"
 Every family has multi-target and no-target cases. Splits never share a scene seed; query frames
 (the wording around the cue) are split too, so test queries are phrasings never trained on, while
-the knowledge cues (wheel, grass, ...) are shared. Why a grid: a tiny model from scratch only
-learns to read positions reliably with coarse layouts (../shared/notes/sandbox-learnability.md).
+the knowledge cues (wheel, grass, ...) are shared. Stage 0 also sees reasoning queries whose
+answer is a query-blind random pick (`guess=True`): the base learns the words and keeps trying
+different objects for them, while which object a cue means is left for RL. Why a grid: a tiny
+model from scratch only learns to read positions with coarse layouts (see ../shared/notes/).
 Tested by: python -m pytest tests/test_world.py
 """
 import json
@@ -83,8 +85,14 @@ def _relation(objs, r):
     return int(np.argmax(key)) if top - second >= margin else None
 
 
+def ground(objs, c=None, s=None):
+    """Indices of the objects of colour c and shape s (None: any): what an explicit phrase means."""
+    return [i for i, o in enumerate(objs) if c in (None, o['color']) and s in (None, o['shape'])]
+
+
 def make_query(rng, objs, family, split):
-    """-> (query, target indices) or None if this scene cannot host this family's query."""
+    """-> (query, target indices, explicit meaning or None) or None if this scene cannot host this
+    family's query. The meaning ("red circle", "circle", "red") is the teacher's <think> in stage 0."""
     if family == 'C/R' and rng.random() < 0.5:
         family = 'C/R pos'  # positional relations: multi- and no-target cases for C/R too
     frames = FRAMES[family][:-1] if split == 'train' else FRAMES[family][-1:]
@@ -99,17 +107,16 @@ def make_query(rng, objs, family, split):
             c, s = (c, s) if absent else (colors[i], shapes[i])
         if c is None or s is None:
             return None
-        hit = [i for i, o in enumerate(objs) if (o['color'] == c or '{c}' not in frame)
-               and (o['shape'] == s or '{s}' not in frame)]
-        return frame.format(c=c, s=s), hit
+        c, s = (c if '{c}' in frame else None), (s if '{s}' in frame else None)
+        return frame.format(c=c, s=s), ground(objs, c, s), ' '.join(x for x in (c, s) if x)
     if family == 'P/F':
         s = pick(SHAPES, shapes)
         f = s and rng.choice([k for k, v in FUNCTION.items() if v == s])
-        return f and (frame.format(f=f), [i for i, v in enumerate(shapes) if v == s])
+        return f and (frame.format(f=f), ground(objs, s=s), None)
     if family == 'C/KI':
         c = pick(list(COLORS), colors)
         k = c and rng.choice([k for k, v in KNOWLEDGE.items() if v == c])
-        return k and (frame.format(k=k), [i for i, v in enumerate(colors) if v == c])
+        return k and (frame.format(k=k), ground(objs, c=c), None)
     if family == 'C/R pos':  # relative to a uniquely named object, by grid row / column
         labels = [f'{c} {s}' for c, s in zip(colors, shapes)]
         uniq = [i for i, l in enumerate(labels) if labels.count(l) == 1]
@@ -120,11 +127,11 @@ def make_query(rng, objs, family, split):
         dc, dr = POSITIONS[p]
         col, row = objs[ref]['cell'] % GRID, objs[ref]['cell'] // GRID
         hit = [i for i, o in enumerate(objs) if (o['cell'] % GRID - col) * dc > 0 or (o['cell'] // GRID - row) * dr > 0]
-        return frame.format(p=p, o=labels[ref]), hit
+        return frame.format(p=p, o=labels[ref]), hit, None
     if family == 'C/R':
         r = RELATIONS[rng.integers(len(RELATIONS))]
         i = _relation(objs, r)
-        return None if i is None else (frame.format(r=r), [i])
+        return None if i is None else (frame.format(r=r), [i], None)
     # C/MH: the colour of the (unique) shape s, on objects that are not an s; absent = no such one
     uniq = [s for s in SHAPES if shapes.count(s) == 1]  # ordered: a set's order changes per process
     if not uniq:
@@ -132,12 +139,13 @@ def make_query(rng, objs, family, split):
     s = uniq[rng.integers(len(uniq))]
     col = colors[shapes.index(s)]
     hit = [i for i in range(len(objs)) if colors[i] == col and shapes[i] != s]
-    return (frame.format(s=s), hit) if bool(hit) != absent else None
+    return (frame.format(s=s), hit, None) if bool(hit) != absent else None
 
 
 def sample(split, index, families=FAMILIES, guess=False):
-    """The index-th sample of a split: deterministic, built on the fly. guess=True swaps the targets
-    for a random pick among the scene's objects that ignores the query (stage 0's prior, see below)."""
+    """The index-th sample of a split: deterministic, built on the fly. guess=True replaces the
+    query's meaning by a random explicit one (a colour, a shape or both, drawn without looking at the
+    query) and the targets by what that meaning grounds to: stage 0's prior for reasoning queries."""
     for attempt in range(100):
         rng = np.random.default_rng([SPLIT_BASE[split] + index, attempt])
         family = families[rng.integers(len(families))]
@@ -145,9 +153,12 @@ def sample(split, index, families=FAMILIES, guess=False):
         q = make_query(rng, objs, family, split)
         if q is None:
             continue
-        query, hit = q
-        if guess:  # 0, 1 or 2 objects, chosen without looking at the query: the words, never the answer
-            hit = list(rng.choice(len(objs), rng.choice(3, p=[0.1, 0.75, 0.15]), replace=False))
+        query, hit, think = q
+        if guess:  # the words and the way to answer, never which meaning is right
+            kind, o = rng.integers(3), objs[rng.integers(len(objs))]  # colour, shape or both, mostly
+            c, s = (o['color'], o['shape']) if rng.random() < 0.8 else (rng.choice(list(COLORS)), rng.choice(SHAPES))
+            c, s = (str(c) if kind != 1 else None), (str(s) if kind != 0 else None)  # of a scene object
+            think, hit = ' '.join(x for x in (c, s) if x), ground(objs, c, s)
         hit = sorted(hit, key=lambda i: objs[i]['cell'])       # row-major answer order
         masks = np.stack([objs[i]['mask'] for i in hit]) if hit else np.zeros((0, SIZE, SIZE), bool)
         boxes = np.array([[xs.min(), ys.min(), xs.max(), ys.max()] for ys, xs in
@@ -155,7 +166,7 @@ def sample(split, index, families=FAMILIES, guess=False):
         points = np.array([_peak(m, b) for m, b in zip(masks, boxes)], float).reshape(-1, 2)
         labels = [f"{objs[i]['color']} {objs[i]['shape']}" for i in hit]
         return data.Sample(id=f'world/{split}/{index}', image=image, query=query, masks=masks,
-                      boxes=boxes, points=points, labels=labels, reasoning_type=family)
+                      boxes=boxes, points=points, labels=labels, reasoning_type=family, think=think)
     raise RuntimeError(f'world: no valid query for {split}/{index}')
 
 
@@ -172,12 +183,13 @@ def dataset(split, n, families=FAMILIES, start=0):
 
 
 def answer_text(s, input_wh):
-    """The teacher answer for stage 0, in model-input pixels: think names the targets, then JSON."""
+    """The teacher answer for stage 0, in model-input pixels: think states the query's explicit
+    meaning (else names the targets), then the JSON."""
     fx, fy = input_wh[0] / s.image.shape[1], input_wh[1] / s.image.shape[0]
     r = lambda v, f: int(np.floor(v * f + 0.5))
     objs = [{'label': lab, 'bbox_2d': [r(b[0], fx), r(b[1], fy), r(b[2], fx), r(b[3], fy)],
              'point_2d': [r(p[0], fx), r(p[1], fy)]} for lab, b, p in zip(s.labels, s.boxes, s.points)]
-    think = ', '.join(s.labels) if s.labels else 'nothing'
+    think = s.think or (', '.join(s.labels) if s.labels else 'nothing')
     return f'<think>{think}</think><answer>{json.dumps(objs, separators=(",", ":"))}</answer>'
 
 

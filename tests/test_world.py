@@ -113,14 +113,29 @@ def test_teacher_answer_parses_to_the_ground_truth():
         assert W.answer_text(s, (112, 112)).startswith('<think>')
 
 
-def test_guessed_answers_ignore_the_query():
-    """Stage 0's guessed samples keep the scene and the query but answer with 0-2 random objects of
-    the scene: they teach the words and the format, and agree with the truth only by chance."""
-    agree = 0
+def test_guessed_meanings_ignore_the_query():
+    """Stage 0's guessed samples keep the scene and the query but swap in a random explicit meaning
+    (colour, shape or both) and its exact grounding: they teach the words and how to answer, and
+    agree with the truth only by chance."""
+    agree, kinds = 0, set()
     for i in range(200):
         s, g = W.sample('train', i, W.FAMILIES[1:]), W.sample('train', i, W.FAMILIES[1:], guess=True)
-        assert g.query == s.query and np.array_equal(g.image, s.image) and len(g.masks) <= 2
-        scene = [o['mask'] for o in attributes(g)]
-        assert all(any(np.array_equal(m, o) for o in scene) for m in g.masks)
+        assert g.query == s.query and np.array_equal(g.image, s.image) and s.think is None
+        words = g.think.split()
+        kinds.add(tuple(w in W.COLORS for w in words))
+        scene = [(o['colour'], o['mask']) for o in attributes(g)]
+        want = [m for c, m in scene if words[0] not in W.COLORS or c == words[0]]  # colour part
+        assert len(g.masks) <= len(want)  # the shape part is checked through the renderer's labels
+        assert all(all(w in lab.split() for w in words) for lab in g.labels)
+        assert all(any(np.array_equal(m, o) for o in want) for m in g.masks)
         agree += sorted(g.labels) == sorted(s.labels)
-    assert 0.1 < agree / 200 < 0.5, agree  # chance (~1/3 for one of three objects), not the answer
+    assert kinds == {(True,), (False,), (True, False)}
+    assert agree / 200 < 0.5, agree  # chance, not the answer
+
+
+def test_explicit_think_is_the_query_meaning():
+    for s in W.dataset('test', 40, families=('explicit',)):
+        words = s.think.split()
+        assert all(w in s.query.split() for w in words) and 1 <= len(words) <= 2
+        assert all(all(w in lab.split() for w in words) for lab in s.labels)
+        assert W.answer_text(s, (112, 112)).startswith(f'<think>{s.think}</think>')
