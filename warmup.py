@@ -13,7 +13,7 @@ import checkpoint, pipeline, world
 import model as M
 import segment as S
 
-GUESS_BASE = 5_000_000  # train indices of the guessed samples: other scenes than the explicit ones
+GUESS_BASE, FACT_BASE = 5_000_000, 7_000_000  # train indices: other scenes than the explicit ones
 
 
 def run(args, config, ckpt, log, prompt):
@@ -31,10 +31,11 @@ def run(args, config, ckpt, log, prompt):
     net.train()
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc='stage 0'):
         t0 = time.time()
-        n_guess = round(args.batch * args.guess_frac)  # reasoning words with query-blind answers
-        batch = world.dataset('train', args.batch - n_guess, families=('explicit',), start=step * args.batch) + [
-            world.sample('train', GUESS_BASE + step * args.batch + i, world.FAMILIES[1:], guess=True)
-            for i in range(n_guess)]
+        # explicit queries + reasoning queries with query-blind guessed meanings + bare-cue facts
+        n_guess, n_fact, i0 = round(args.batch * args.guess_frac), round(args.batch * args.fact_frac), step * args.batch
+        batch = (world.dataset('train', args.batch - n_guess - n_fact, families=('explicit',), start=i0)
+                 + [world.sample('train', GUESS_BASE + i0 + i, world.FAMILIES[1:], guess=True) for i in range(n_guess)]
+                 + [world.sample('train', FACT_BASE + i0 + i, ('fact',)) for i in range(n_fact)])
         b, labels = world.teacher_batch(proc, batch, template, args.image_size)  # labels -100 but the answer
         logits = net(**b.to(args.device)).logits[:, :-1].float()                 # (B, T-1, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(args.device))

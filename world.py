@@ -10,8 +10,9 @@ and the four ReasonSeg-X reasoning types for stage 2 / evaluation:
 Every family has multi-target and no-target cases. Splits never share a scene seed; query frames
 (the wording around the cue) are split too, so test queries are phrasings never trained on, while
 the knowledge cues (wheel, grass, ...) are shared. Stage 0 also sees reasoning queries whose
-answer is a query-blind random pick (`guess=True`): the base learns the words and keeps trying
-different objects for them, while which object a cue means is left for RL. Why a grid: a tiny
+meaning is a query-blind guess (`guess=True`), and bare-cue facts ("grass" -> think "green"): the
+base knows what each cue means, as a pretrained model would, and keeps trying different meanings
+inside reasoning queries; using that knowledge there is left for RL. Why a grid: a tiny
 model from scratch only learns to read positions with coarse layouts (see ../shared/notes/).
 Tested by: python -m pytest tests/test_world.py
 """
@@ -93,6 +94,10 @@ def ground(objs, c=None, s=None):
 def make_query(rng, objs, family, split):
     """-> (query, target indices, explicit meaning or None) or None if this scene cannot host this
     family's query. The meaning ("red circle", "circle", "red") is the teacher's <think> in stage 0."""
+    if family == 'fact':  # stage 0 only: a bare cue word, whose meaning is its attribute
+        cue = str(rng.choice(list(FUNCTION) + list(KNOWLEDGE)))
+        c, s = KNOWLEDGE.get(cue), FUNCTION.get(cue)
+        return cue, ground(objs, c, s), c or s
     if family == 'C/R' and rng.random() < 0.5:
         family = 'C/R pos'  # positional relations: multi- and no-target cases for C/R too
     frames = FRAMES[family][:-1] if split == 'train' else FRAMES[family][-1:]

@@ -139,3 +139,13 @@ def test_explicit_think_is_the_query_meaning():
         assert all(w in s.query.split() for w in words) and 1 <= len(words) <= 2
         assert all(all(w in lab.split() for w in words) for lab in s.labels)
         assert W.answer_text(s, (112, 112)).startswith(f'<think>{s.think}</think>')
+
+
+def test_facts_state_what_a_cue_means():
+    for i in range(60):
+        s = W.sample('train', i, ('fact',))
+        meaning = {**W.FUNCTION, **W.KNOWLEDGE}[s.query]
+        assert s.think == meaning and s.reasoning_type == 'fact'
+        assert all(meaning in lab.split() for lab in s.labels)
+        if meaning in W.COLORS:  # every object of that colour is a target (colours are in the pixels)
+            assert len(s.masks) == sum(o['colour'] == meaning for o in attributes(s))
