@@ -25,7 +25,7 @@ p.add_argument('--sam-type', default='vit_h', choices=['vit_b', 'vit_l', 'vit_h'
 p.add_argument('--data', default=None, help='eval set (data.load_dataset: ReasonSeg folder, HF parquet/arrow); default: synthetic test split')
 p.add_argument('--limit', '--n', dest='n', type=int, default=None, help='number of samples (default: 200 synthetic, all of --data); '
                'under torchrun write --limit: torchrun takes --n for a prefix of its own flags')
-p.add_argument('--image-size', type=int, default=None, help='model input side (default: adapter meta, else 840 with --model, 112 sandbox)')
+p.add_argument('--image-size', type=int, default=None, help='model input side (default: adapter meta, else 840, or less if the processor keeps fewer pixels)')
 p.add_argument('--coord-mode', default=None, choices=['pixel', 'grid1000', 'unit', 'auto'], help='answer coordinates (default: adapter meta, else by model type)')
 p.add_argument('--prompt-file', default=None, help='prompt template with {question} (default: the base checkpoint\'s prompt.txt, else ours)')
 p.add_argument('--batch', type=int, default=8, help='queries per generate call; fixed, as padding changes greedy outputs (SPEC §12)')
@@ -124,7 +124,7 @@ base = args.model or meta.get('base') or ('sandbox/stage0' if os.path.isdir('san
 if sandbox and not os.path.isdir(base):
     sys.exit(f'[eval] no sandbox checkpoint at {base}: run `python train.py --stage 0` first, or pass --model DIR')
 net, proc = M.load_policy(base, device=args.device, adapter=args.adapter)
-image_size = args.image_size or meta.get('image_size') or (112 if sandbox else 840)
+image_size = args.image_size or meta.get('image_size') or M.default_image_size(proc)
 coord_mode = args.coord_mode or meta.get('coord_mode') or M.default_coord_mode(net)
 max_new = args.max_new_tokens or (160 if sandbox else 2048)
 template = M.load_template(args.prompt_file or 'eval', base)

@@ -206,6 +206,14 @@ def default_coord_mode(model):
     return 'auto' if 'qwen3' in model.config.model_type else 'pixel'
 
 
+def default_image_size(processor, paper=840):
+    """The model-input side: SPEC §3's 840, or less when the processor keeps fewer pixels (the
+    sandbox base keeps 112²; a larger input would be shrunk and its coordinates misread)."""
+    ip = processor.image_processor
+    most = (getattr(ip, 'size', None) or {}).get('longest_edge') or getattr(ip, 'max_pixels', None)
+    return min(paper, math.isqrt(int(most)) // 28 * 28) if most else paper
+
+
 def make_inputs(processor, images, prompts, answers=None):
     """Chat-format a batch: images (PIL, already at model-input size), prompt strings, and
     optionally teacher answers appended after the generation prompt. -> BatchFeature (B, T)."""

@@ -179,3 +179,10 @@ def test_color_segmenter_on_world():
     assert len(masks) == len(s.masks) + 1 and not masks[-1].any()
     for m, gt in zip(masks, s.masks):
         assert np.array_equal(m, gt)  # exact GT box + point -> exact mask
+
+
+def test_default_image_size_never_exceeds_what_the_processor_keeps(tiny):
+    """A tiny base keeps 112² pixels: an 840 input would be shrunk and its coordinates misread."""
+    from transformers import Qwen2VLImageProcessor
+    assert M.default_image_size(tiny[2]) == 112
+    assert M.default_image_size(type('P', (), {'image_processor': Qwen2VLImageProcessor()})()) == 840
