@@ -75,6 +75,7 @@ SANDBOX = {0: dict(batch=16, steps=9000, lr=1e-3, eval_every=1000, save_every=50
 args.preset = args.preset or ('paper' if args.model and args.stage > 0 else 'sandbox')
 if args.stage == 0 and args.preset == 'paper':  # stage 0 --model DIR continues a tiny base
     sys.exit('--stage 0 trains the tiny sandbox base only; a real Qwen-VL starts at --stage 1')
+size_given = args.image_size is not None
 for k, v in {**dict(eval_every=20, save_every=20, image_size=112, max_new_tokens=160), **(
         dict(image_size=840, max_new_tokens=2048, **PAPER[args.stage]) if args.preset == 'paper'
         else SANDBOX[args.stage])}.items():
@@ -120,6 +121,8 @@ if args.stage == 2 and args.init_adapter is None:
 try:  # bad paths and mismatched adapters end in one clear line, not a traceback
     net, proc = M.load_policy(base, device=args.device)
     coord_mode = args.coord_mode or M.default_coord_mode(net)
+    if not size_given:  # a preset's 840 would be shrunk by a processor that keeps fewer pixels
+        args.image_size = min(args.image_size, M.default_image_size(proc))
     template = M.load_template(args.prompt_file or f'stage{args.stage}', base)
     lora.apply_lora(net, r=args.lora_r, alpha=args.lora_alpha)
     if args.stage == 2:

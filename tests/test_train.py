@@ -121,3 +121,12 @@ def test_bad_input_gives_one_clear_line(two_steps, tmp_path):
     assert 'r=4' in p.stderr and 'Traceback' not in p.stderr
     p = run('--stage', 1, '--sam-type', 'vit_q', ok=False)
     assert 'vit_q' in p.stderr
+
+
+def test_paper_preset_on_a_tiny_base_keeps_its_input_side(tmp_path):
+    """The paper preset asks for 840 px; a base whose processor keeps 112² must train at 112."""
+    out = str(tmp_path)
+    run('--stage', 1, '--model', BASE, '--batch', 1, '--group', 2, '--rollouts', 2, '--lora-r', 4,
+        '--lora-alpha', 8, '--max-new-tokens', 20, '--eval-every', 0, '--steps', 1, '--out', out)
+    meta = lora.read_lora(os.path.join(out, 'last', 'adapter.safetensors'))[1]
+    assert meta['image_size'] == 112
