@@ -71,7 +71,7 @@ PAPER = {1: dict(batch=paper_batch, group=16, rollouts=16, lr=1e-5, lora_r=64, l
          2: dict(batch=paper_batch, group=16, rollouts=256, lr=5e-6, lora_r=64, lora_alpha=64, steps=150)}
 SANDBOX = {0: dict(batch=16, steps=9000, lr=1e-3, eval_every=1000, save_every=500),
            1: dict(batch=8, group=8, rollouts=8, lr=5e-4, lora_r=16, lora_alpha=32, steps=40),
-           2: dict(batch=8, group=8, rollouts=16, lr=2e-3, lora_r=16, lora_alpha=32, steps=80)}
+           2: dict(batch=8, group=8, rollouts=16, lr=5e-4, lora_r=16, lora_alpha=32, steps=80)}
 args.preset = args.preset or ('paper' if args.model and args.stage > 0 else 'sandbox')
 if args.stage == 0 and args.preset == 'paper':  # stage 0 --model DIR continues a tiny base
     sys.exit('--stage 0 trains the tiny sandbox base only; a real Qwen-VL starts at --stage 1')
