@@ -211,7 +211,8 @@ def default_image_size(processor, paper=840):
     sandbox base keeps 112²; a larger input would be shrunk and its coordinates misread)."""
     ip = processor.image_processor
     most = (getattr(ip, 'size', None) or {}).get('longest_edge') or getattr(ip, 'max_pixels', None)
-    return min(paper, math.isqrt(int(most)) // 28 * 28) if most else paper
+    unit = getattr(ip, 'patch_size', 14) * getattr(ip, 'merge_size', 2)  # one visual token's side
+    return min(paper, math.isqrt(int(most)) // unit * unit) if most else paper
 
 
 def make_inputs(processor, images, prompts, answers=None):

@@ -1,7 +1,7 @@
-"""warmup.py: stage 0, the supervised warm-up of the tiny sandbox model on explicit grounding
-queries (teacher-forced answers). It stands in for the pretraining a real Qwen-VL already has; a
-real checkpoint starts at stage 1. Run through `python train.py --stage 0`, which owns the flags,
-the log and the checkpoint folder.
+"""warmup.py: stage 0, the supervised warm-up of the tiny sandbox model (teacher-forced answers) on
+explicit grounding queries, reasoning queries with guessed meanings and bare-cue facts (world.py).
+It stands in for the pretraining a real Qwen-VL already has; a real checkpoint starts at stage 1.
+Run through `python train.py --stage 0`, which owns the flags, the log and the checkpoint folder.
 Tested by: python -m pytest tests/test_train.py (test_stage0_trains_the_base)
 """
 import math, os, time

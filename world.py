@@ -91,6 +91,11 @@ def ground(objs, c=None, s=None):
     return [i for i, o in enumerate(objs) if c in (None, o['color']) and s in (None, o['shape'])]
 
 
+def phrase(c=None, s=None):
+    """The explicit meaning as the teacher thinks it: "red circle", "red" or "circle"."""
+    return ' '.join(x for x in (c, s) if x)
+
+
 def make_query(rng, objs, family, split):
     """-> (query, target indices, explicit meaning or None) or None if this scene cannot host this
     family's query. The meaning ("red circle", "circle", "red") is the teacher's <think> in stage 0."""
@@ -113,7 +118,7 @@ def make_query(rng, objs, family, split):
         if c is None or s is None:
             return None
         c, s = (c if '{c}' in frame else None), (s if '{s}' in frame else None)
-        return frame.format(c=c, s=s), ground(objs, c, s), ' '.join(x for x in (c, s) if x)
+        return frame.format(c=c, s=s), ground(objs, c, s), phrase(c, s)
     if family == 'P/F':
         s = pick(SHAPES, shapes)
         f = s and rng.choice([k for k, v in FUNCTION.items() if v == s])
@@ -163,7 +168,7 @@ def sample(split, index, families=FAMILIES, guess=False):
             kind, o = rng.integers(3), objs[rng.integers(len(objs))]  # colour, shape or both, mostly
             c, s = (o['color'], o['shape']) if rng.random() < 0.8 else (rng.choice(list(COLORS)), rng.choice(SHAPES))
             c, s = (str(c) if kind != 1 else None), (str(s) if kind != 0 else None)  # of a scene object
-            think, hit = ' '.join(x for x in (c, s) if x), ground(objs, c, s)
+            think, hit = phrase(c, s), ground(objs, c, s)
         hit = sorted(hit, key=lambda i: objs[i]['cell'])       # row-major answer order
         masks = np.stack([objs[i]['mask'] for i in hit]) if hit else np.zeros((0, SIZE, SIZE), bool)
         boxes = np.array([[xs.min(), ys.min(), xs.max(), ys.max()] for ys, xs in
