@@ -40,6 +40,7 @@ p.add_argument('--lora-r', type=int, default=None, help='LoRA rank (SPEC §7: 64
 p.add_argument('--lora-alpha', type=float, default=None, help='LoRA alpha (SPEC §7: 64; sandbox 32)')
 p.add_argument('--temperature', type=float, default=1.0, help='rollout sampling temperature')
 p.add_argument('--top-p', type=float, default=1.0, help='rollout nucleus sampling')
+p.add_argument('--families', default=None, help='synthetic world: comma-separated query families to train on, each equally often (default: explicit in stage 1, the four reasoning types in stage 2)')
 p.add_argument('--micro-batch', type=int, default=16, help='rows per forward/backward')
 p.add_argument('--warmup', type=int, default=200, help='stage 0: linear warm-up steps, then cosine to 0.1x')
 p.add_argument('--guess-frac', type=float, default=0.25, help='stage 0: share of reasoning queries with a query-blind guessed meaning')
@@ -67,6 +68,9 @@ SANDBOX_BASE = 'sandbox/stage0'   # the shipped stage-0 tiny base (README: the c
 SANDBOX_PROMPT = 'find: {question}'
 REASONING = ('P/F', 'C/KI', 'C/R', 'C/MH')
 paper_batch = max(1, 16 // world_size)  # SPEC §6: 16 prompts per step in all, shared by the ranks
+families = tuple(args.families.split(',')) if args.families else ('explicit',) if args.stage == 1 else REASONING
+if set(families) - set(world.FAMILIES):
+    sys.exit(f'[train] error: --families {args.families!r}: each must be one of {",".join(world.FAMILIES)}')
 PAPER = {1: dict(batch=paper_batch, group=16, rollouts=16, lr=1e-5, lora_r=64, lora_alpha=64, steps=323),
          2: dict(batch=paper_batch, group=16, rollouts=256, lr=5e-6, lora_r=64, lora_alpha=64, steps=150)}
 SANDBOX = {0: dict(batch=16, steps=9000, lr=1e-3, eval_every=1000, save_every=500),
@@ -141,8 +145,8 @@ start = 0
 if args.resume and os.path.isdir(ckpt):
     lora.load_lora(net, os.path.join(ckpt, 'adapter.safetensors'))
     start = checkpoint.restore(ckpt, opt)
-families = ('explicit',) if args.stage == 1 else REASONING
-val = [] if args.data else world.dataset('val', args.eval_n, families=families)  # real data: eval.py
+val_families = ('explicit',) if args.stage == 1 else REASONING  # what the stage is meant to improve
+val = [] if args.data else world.dataset('val', args.eval_n, families=val_families)  # real data: eval.py
 N, G = args.rollouts, args.group  # sampled per prompt, kept for the update (REST when N > G)
 
 

@@ -121,6 +121,8 @@ def test_bad_input_gives_one_clear_line(two_steps, tmp_path):
     assert 'r=4' in p.stderr and 'Traceback' not in p.stderr
     p = run('--stage', 1, '--sam-type', 'vit_q', ok=False)
     assert 'vit_q' in p.stderr
+    p = run('--stage', 2, '--families', 'P/F,riddles', ok=False)
+    assert "'P/F,riddles'" in p.stderr and 'Traceback' not in p.stderr
 
 
 def test_paper_preset_on_a_tiny_base_keeps_its_input_side(tmp_path):
