@@ -68,7 +68,8 @@ SANDBOX_BASE = 'sandbox/stage0'   # the shipped stage-0 tiny base (README: the c
 SANDBOX_PROMPT = 'find: {question}'
 REASONING = ('P/F', 'C/KI', 'C/R', 'C/MH')
 paper_batch = max(1, 16 // world_size)  # SPEC §6: 16 prompts per step in all, shared by the ranks
-families = tuple(args.families.split(',')) if args.families else ('explicit',) if args.stage == 1 else REASONING
+target_families = ('explicit',) if args.stage == 1 else REASONING  # what the stage is meant to improve
+families = tuple(args.families.split(',')) if args.families else target_families
 if set(families) - set(world.FAMILIES):
     sys.exit(f'[train] error: --families {args.families!r}: each must be one of {",".join(world.FAMILIES)}')
 PAPER = {1: dict(batch=paper_batch, group=16, rollouts=16, lr=1e-5, lora_r=64, lora_alpha=64, steps=323),
@@ -145,8 +146,7 @@ start = 0
 if args.resume and os.path.isdir(ckpt):
     lora.load_lora(net, os.path.join(ckpt, 'adapter.safetensors'))
     start = checkpoint.restore(ckpt, opt)
-val_families = ('explicit',) if args.stage == 1 else REASONING  # what the stage is meant to improve
-val = [] if args.data else world.dataset('val', args.eval_n, families=val_families)  # real data: eval.py
+val = [] if args.data else world.dataset('val', args.eval_n, families=target_families)  # real data: eval.py
 N, G = args.rollouts, args.group  # sampled per prompt, kept for the update (REST when N > G)
 
 
