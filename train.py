@@ -13,6 +13,7 @@ Tested by: python -m pytest tests/test_train.py
 import argparse, json, math, os, sys, time
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint, data, grpo, lora, pipeline, rest, rewards, warmup, world
@@ -44,6 +45,8 @@ p.add_argument('--families', default=None, help='synthetic world: comma-separate
 p.add_argument('--micro-batch', type=int, default=16, help='rows per forward/backward')
 p.add_argument('--warmup', type=int, default=200, help='stage 0: linear warm-up steps, then cosine to 0.1x')
 p.add_argument('--guess-frac', type=float, default=0.25, help='stage 0: share of reasoning queries with a query-blind guessed meaning')
+p.add_argument('--vision-steps', type=int, default=0, help='stage 0: first train the vision tower alone on object colour + shape heads')
+p.add_argument('--attr-coef', type=float, default=0.0, help='stage 0: weight of that colour + shape loss beside the language loss')
 p.add_argument('--fact-frac', type=float, default=0.25, help='stage 0: share of bare-cue facts ("grass" -> think "green")')
 p.add_argument('--image-size', type=int, default=None, help='model input side (SPEC §3: 840; sandbox 112)')
 p.add_argument('--coord-mode', default=None, choices=['pixel', 'grid1000', 'unit', 'auto'], help='answer coordinates (default: pixel for Qwen2/2.5, auto for Qwen3)')
@@ -60,8 +63,6 @@ config = vars(args)
 
 # torch.distributed: one process per GPU under torchrun; rank 0 logs and saves
 ddp, rank, world_size, args.device = M.init_distributed(args.device)
-if ddp:
-    import torch.distributed as dist
 
 # Sandbox defaults (tiny model, synthetic world, CPU minutes); paper values apply with --model.
 SANDBOX_BASE = 'sandbox/stage0'   # the shipped stage-0 tiny base (README: the command that made it)

@@ -1,6 +1,9 @@
 """warmup.py: stage 0, the supervised warm-up of the tiny sandbox model (teacher-forced answers) on
 explicit grounding queries, reasoning queries with guessed meanings and bare-cue facts (world.py).
 It stands in for the pretraining a real Qwen-VL already has; a real checkpoint starts at stage 1.
+Optionally (`--vision-steps`, `--attr-coef`) the vision tower first learns object colour and shape
+from linear heads on its merged tokens, and keeps doing so beside the language loss: the language
+loss alone leaves shape nearly unreadable in the tiny tower (README: the linear-probe finding).
 Run through `python train.py --stage 0`, which owns the flags, the log and the checkpoint folder.
 Tested by: python -m pytest tests/test_train.py (test_stage0_trains_the_base)
 """
@@ -13,7 +16,34 @@ import checkpoint, pipeline, world
 import model as M
 import segment as S
 
-GUESS_BASE, FACT_BASE = 5_000_000, 7_000_000  # train indices: other scenes than the explicit ones
+GUESS_BASE, FACT_BASE, ATTR_BASE, AUX_BASE = 5_000_000, 7_000_000, 8_000_000, 9_000_000  # train scenes per purpose
+N_ATTR = len(world.COLORS) + len(world.SHAPES)  # the attribute head's logits: colours, then shapes
+
+
+def attribute_loss(net, head, batch):
+    """Colour + shape cross-entropy of a linear head on each object's centre visual token (the
+    merger's output, what the language model reads); -> loss, shape accuracy."""
+    b, idx, col, shp = batch
+    v = net.model.visual(b['pixel_values'], grid_thw=b['image_grid_thw'])           # (tokens, hidden)
+    v = v if torch.is_tensor(v) else v.pooler_output if hasattr(v, 'pooler_output') else v[0]
+    logits = head(v[idx.to(v.device)]).float()                                 # (n_obj, 5 + 4)
+    nc = len(world.COLORS)
+    loss = F.cross_entropy(logits[:, :nc], col.to(v.device)) + F.cross_entropy(logits[:, nc:], shp.to(v.device))
+    return loss, (logits[:, nc:].argmax(1).cpu() == shp).float().mean().item()
+
+
+def pretrain_vision(net, head, proc, args):
+    """--vision-steps of the tower + merger alone on the attribute heads (AdamW 1e-3, 32 scenes)."""
+    params = list(net.model.visual.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    for step in tqdm(range(args.vision_steps), desc='stage 0 vision'):
+        loss, acc = attribute_loss(net, head, world.attribute_batch(proc, 'train', ATTR_BASE + 32 * step, 32, args.image_size))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    held = world.attribute_batch(proc, 'val', 0, 200, args.image_size)
+    with torch.no_grad():
+        print(f'[train] vision tower: held-out shape accuracy {attribute_loss(net, head, held)[1]:.3f}')
 
 
 def run(args, config, ckpt, log, prompt):
@@ -24,7 +54,13 @@ def run(args, config, ckpt, log, prompt):
         image_size=args.image_size, prompt=prompt)
     net, proc = M.load_policy(src, device=args.device)
     template = M.load_template(args.prompt_file or 'stage1', src)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
+    head = torch.nn.Linear(net.config.vision_config.out_hidden_size, N_ATTR).to(args.device)
+    if resume and os.path.isfile(os.path.join(ckpt, 'attr_head.pt')):
+        head.load_state_dict(torch.load(os.path.join(ckpt, 'attr_head.pt')))
+    elif args.vision_steps and not resume:
+        pretrain_vision(net, head, proc, args)
+    groups = [{'params': list(net.parameters())}] + ([{'params': list(head.parameters())}] if args.attr_coef else [])
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     start = checkpoint.restore(ckpt, opt) if resume else 0
     sched = lambda s: min(1.0, (s + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps)))
     val, seg = world.dataset('val', args.eval_n, families=('explicit',)), S.ColorSegmenter()
@@ -39,19 +75,26 @@ def run(args, config, ckpt, log, prompt):
         b, labels = world.teacher_batch(proc, batch, template, args.image_size)  # labels -100 but the answer
         logits = net(**b.to(args.device)).logits[:, :-1].float()                 # (B, T-1, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(args.device))
+        total, rec = loss, {}
+        if args.attr_coef:  # keep colour and shape readable in the visual tokens (8 scenes per step)
+            attr, rec['shape_acc'] = attribute_loss(
+                net, head, world.attribute_batch(proc, 'train', AUX_BASE + 8 * step, 8, args.image_size))
+            total, rec['attr_loss'] = loss + args.attr_coef * attr, attr.item()
         for g in opt.param_groups:
             g['lr'] = args.lr * sched(step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         rec = dict(step=step + 1, loss=loss.item(), lr=opt.param_groups[0]['lr'], grad_norm=gnorm.item(),
-                   sec=time.time() - t0)
+                   sec=time.time() - t0, **rec)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             rec['val_giou'], rec['val_example'] = pipeline.heldout_giou(
                 net, proc, seg, val, template, args.image_size, 'pixel', args.max_new_tokens)
             tqdm.write(f"step {step + 1}: loss {rec['loss']:.3f} val gIoU {rec['val_giou']:.3f} | {rec['val_example'][:80]}")
         log(rec)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            checkpoint.save(ckpt, lambda d: (net.save_pretrained(d), proc.save_pretrained(d)), opt, step + 1, config, template)
+            checkpoint.save(ckpt, lambda d: (net.save_pretrained(d), proc.save_pretrained(d),
+                                             torch.save(head.state_dict(), os.path.join(d, 'attr_head.pt'))),
+                            opt, step + 1, config, template)
     print(f'[train] stage 0 done: {ckpt}')

@@ -216,6 +216,24 @@ def teacher_batch(proc, samples, template, image_size):
     return b, labels
 
 
+def attribute_batch(proc, split, start, n, image_size):
+    """n fresh scenes for stage 0's attribute heads: processor inputs, the index of each object's
+    centre among the merged visual tokens of the batch (raster order, one token per 28 input px),
+    and its colour and shape ids. The sandbox's stand-in for a vision tower pretrained on objects."""
+    imgs, idx, col, shp = [], [], [], []
+    side = image_size // 28
+    for i in range(start, start + n):
+        image, objs = render(np.random.default_rng([SPLIT_BASE[split] + i, 999]))
+        imgs.append(data.resize_for_model(image, image_size))
+        for o in objs:
+            y, x = ndimage.center_of_mass(o['mask'])
+            r, c = (min(side - 1, int(v * image_size / SIZE) // 28) for v in (y, x))
+            idx.append((len(imgs) - 1) * side * side + r * side + c)
+            col.append(list(COLORS).index(o['color']))
+            shp.append(SHAPES.index(o['shape']))
+    return proc.image_processor(images=imgs, return_tensors='pt'), torch.tensor(idx), torch.tensor(col), torch.tensor(shp)
+
+
 def vocabulary():
     """Every text the sandbox tokenizer must know."""
     words = list(COLORS) + list(SHAPES) + list(FUNCTION) + list(KNOWLEDGE) + list(RELATIONS) + list(POSITIONS)

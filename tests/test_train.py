@@ -54,6 +54,25 @@ def test_stage0_trains_the_base(tmp_path):
     assert any('visual' in n for n in changed) and any('language_model' in n for n in changed)
 
 
+def test_stage0_attribute_heads_train_the_tower_and_resume_exactly(tmp_path):
+    # --vision-steps trains the tower alone; --attr-coef keeps its colour + shape loss beside the
+    # language loss, and the head is checkpointed, so a resumed run takes the same second step.
+    S0 = ['--stage', 0, '--model', BASE, '--batch', 2, '--eval-every', 0, '--vision-steps', 2, '--attr-coef', 0.5]
+    full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+    run(*S0, '--steps', 2, '--save-every', 1, '--out', full)
+    run(*S0, '--steps', 1, '--save-every', 1, '--out', part)
+    run(*S0, '--steps', 2, '--save-every', 1, '--out', part, '--resume')
+    rec = records(full)
+    assert all(torch.isfinite(torch.tensor([r['loss'], r['attr_loss']])).all() for r in rec)
+    assert [r['attr_loss'] for r in records(part)] == [r['attr_loss'] for r in rec]
+    a, _ = M.load_policy(os.path.join(full, 'last'))
+    b, _ = M.load_policy(os.path.join(part, 'last'))
+    base, _ = M.load_policy(BASE)
+    for (n, x), (_, y), (_, z) in zip(a.named_parameters(), b.named_parameters(), base.named_parameters()):
+        assert torch.equal(x, y), n
+    assert any(not torch.equal(x, z) for n, x in a.named_parameters() if 'visual' in n)
+
+
 def test_stage1_changes_only_lora_and_logs_finite_numbers(two_steps):
     rec = records(two_steps)
     assert [r['step'] for r in rec] == [1, 2]

@@ -149,3 +149,22 @@ def test_facts_state_what_a_cue_means():
         assert all(meaning in lab.split() for lab in s.labels)
         if meaning in W.COLORS:  # every object of that colour is a target (colours are in the pixels)
             assert len(s.masks) == sum(o['colour'] == meaning for o in attributes(s))
+
+
+def test_attribute_batch_points_at_the_objects_own_visual_token():
+    # Independent of world.py's index arithmetic: rebuild each merged token's 28x28 pixel block from
+    # the processor's patch layout (2x2 patches of 14 px per token, channels x time x 14 x 14) and
+    # check that the indexed block shows mostly the object's own colour among the scene's objects.
+    _, proc = M.load_policy(os.path.join(os.path.dirname(__file__), '..', 'sandbox', 'stage0'))
+    ip = proc.image_processor
+    b, idx, col, shp = W.attribute_batch(proc, 'train', 0, 6, 112)
+    px = b['pixel_values'].reshape(-1, 2, 2, 3, 2, 14, 14)[:, :, :, :, 0]       # (tokens, 2, 2, 3, 14, 14)
+    px = px.permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, 28, 28).numpy()            # (tokens, 3, 28, 28)
+    rgb = px * np.array(ip.image_std)[:, None, None] + np.array(ip.image_mean)[:, None, None]
+    names = list(W.COLORS)
+    assert len(idx) == 18 and idx.max() < len(rgb) and set(shp.tolist()) <= set(range(len(W.SHAPES)))
+    hits = 0
+    for i, c in zip(idx.tolist(), col.tolist()):
+        near = [(np.abs(rgb[i] * 255 - np.array(v)[:, None, None]).max(0) < 40).sum() for v in W.COLORS.values()]
+        hits += int(np.argmax(near) == c and near[c] > 0)
+    assert hits >= 16, f'only {hits} of 18 object tokens show their own colour'
