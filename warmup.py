@@ -5,7 +5,7 @@ Optionally (`--vision-steps`, `--attr-coef`) the vision tower first learns objec
 from linear heads on its merged tokens, and keeps doing so beside the language loss: the language
 loss alone leaves shape nearly unreadable in the tiny tower (README: the linear-probe finding).
 Run through `python train.py --stage 0`, which owns the flags, the log and the checkpoint folder.
-Tested by: python -m pytest tests/test_train.py (test_stage0_trains_the_base)
+Tested by: python -m pytest tests/test_train.py -k stage0 (the base trains; the attribute heads resume exactly)
 """
 import math, os, time
 import torch
@@ -37,7 +37,7 @@ def pretrain_vision(net, head, proc, args):
     params = list(net.model.visual.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     for step in tqdm(range(args.vision_steps), desc='stage 0 vision'):
-        loss, acc = attribute_loss(net, head, world.attribute_batch(proc, 'train', ATTR_BASE + 32 * step, 32, args.image_size))
+        loss, _ = attribute_loss(net, head, world.attribute_batch(proc, 'train', ATTR_BASE + 32 * step, 32, args.image_size))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
