@@ -24,7 +24,8 @@ def attribute_loss(net, head, batch):
     """Colour + shape cross-entropy of a linear head on each object's centre visual token (the
     merger's output, what the language model reads); -> loss, shape accuracy."""
     b, idx, col, shp = batch
-    v = net.model.visual(b['pixel_values'], grid_thw=b['image_grid_thw'])           # (tokens, hidden)
+    dev = next(net.parameters()).device  # the processor's tensors come back on the CPU
+    v = net.model.visual(b['pixel_values'].to(dev), grid_thw=b['image_grid_thw'].to(dev))  # (tokens, hidden)
     v = v if torch.is_tensor(v) else v.pooler_output if hasattr(v, 'pooler_output') else v[0]
     logits = head(v[idx.to(v.device)]).float()                                 # (n_obj, 5 + 4)
     nc = len(world.COLORS)
@@ -62,6 +63,11 @@ def run(args, config, ckpt, log, prompt):
     groups = [{'params': list(net.parameters())}] + ([{'params': list(head.parameters())}] if args.attr_coef else [])
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     start = checkpoint.restore(ckpt, opt) if resume else 0
+    def save_weights(d):  # the attribute head only when it trains beside the LM (resume needs it)
+        net.save_pretrained(d), proc.save_pretrained(d)
+        if args.attr_coef:
+            torch.save(head.state_dict(), os.path.join(d, 'attr_head.pt'))
+
     sched = lambda s: min(1.0, (s + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps)))
     val, seg = world.dataset('val', args.eval_n, families=('explicit',)), S.ColorSegmenter()
     net.train()
@@ -94,7 +100,5 @@ def run(args, config, ckpt, log, prompt):
             tqdm.write(f"step {step + 1}: loss {rec['loss']:.3f} val gIoU {rec['val_giou']:.3f} | {rec['val_example'][:80]}")
         log(rec)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            checkpoint.save(ckpt, lambda d: (net.save_pretrained(d), proc.save_pretrained(d),
-                                             torch.save(head.state_dict(), os.path.join(d, 'attr_head.pt'))),
-                            opt, step + 1, config, template)
+            checkpoint.save(ckpt, save_weights, opt, step + 1, config, template)
     print(f'[train] stage 0 done: {ckpt}')

@@ -161,7 +161,6 @@ def test_attribute_batch_points_at_the_objects_own_visual_token():
     px = b['pixel_values'].reshape(-1, 2, 2, 3, 2, 14, 14)[:, :, :, :, 0]       # (tokens, 2, 2, 3, 14, 14)
     px = px.permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, 28, 28).numpy()            # (tokens, 3, 28, 28)
     rgb = px * np.array(ip.image_std)[:, None, None] + np.array(ip.image_mean)[:, None, None]
-    names = list(W.COLORS)
     assert len(idx) == 18 and idx.max() < len(rgb) and set(shp.tolist()) <= set(range(len(W.SHAPES)))
     hits = 0
     for i, c in zip(idx.tolist(), col.tolist()):
