@@ -16,14 +16,16 @@ EXCLUDE = ('visual', 'vision', 'merger', 'lm_head', 'embed')
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + dropout(x) @ A^T @ B^T * alpha/r, with the base nn.Linear frozen."""
+    """y = base(x) + dropout(x) @ A^T @ B^T * alpha/r, with the base nn.Linear frozen.
+    A and B are fp32 whatever the base dtype (method §7): on a bf16 base an update of lr 5e-6 on
+    a weight of ~1e-2 is below bf16's resolution (~4e-5 there) and would round to no change."""
 
     def __init__(self, base, r, alpha, dropout=0.0):
         super().__init__()
         self.base = base.requires_grad_(False)
-        w = base.weight  # (out, in); the adapter lives on the same device and dtype
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=w.dtype, device=w.device))
+        w = base.weight  # (out, in); the adapter lives on the same device, in fp32
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=torch.float32, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=torch.float32, device=w.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init nn.Linear gives its weight
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -37,7 +39,7 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged or not self.enabled:  # merged: the delta is already inside base.weight
             return y
-        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (..., r)
+        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (..., r) in fp32, as peft does
         return y + (h @ self.lora_B.t() * self.scaling).to(y.dtype)
 
     def extra_repr(self):
@@ -149,11 +151,24 @@ def save_lora(model, path, meta=None):
 
 
 def read_lora(path):
-    """-> (state dict, metadata with JSON values decoded)."""
+    """-> (state dict, metadata with JSON values decoded). A missing, truncated or garbled file, or
+    one holding NaN/inf, raises ValueError naming the file (one line for the scripts to print)."""
     from safetensors import safe_open
-    with safe_open(path, framework='pt') as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+    if not os.path.isfile(path):
+        raise ValueError(f'LoRA adapter {path}: no such file')
+    try:
+        with safe_open(path, framework='pt') as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise ValueError(f'LoRA adapter {path}: unreadable ({type(e).__name__}: {e}); truncated or not '
+                         'a file written by train.py?') from None
+    if not state or not all(k.endswith(('.lora_A', '.lora_B')) for k in state):
+        raise ValueError(f'LoRA adapter {path}: holds no lora_A / lora_B tensors')
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f'LoRA adapter {path}: {len(bad)} tensor(s) hold NaN or inf, e.g. {bad[0]}')
+    return state, meta
 
 
 def _modules(keys):

@@ -2,7 +2,7 @@
 same A and B, hand-written formulas, and a run without checkpointing / without DDP.
 Run: .venv/bin/python -m pytest -q tests/test_lora.py
 """
-import os, sys
+import json, os, sys
 import numpy as np
 import pytest
 import torch
@@ -64,14 +64,40 @@ def test_targets_freezing_and_count(tiny_dir):
         L.apply_lora(net)
 
 
-def test_dtype_device_follow_base(tiny_dir, batch):
+def test_adapters_fp32_on_bf16_base(tiny_dir, batch):
     net, _ = M.load_policy(tiny_dir, dtype=torch.bfloat16)
     L.apply_lora(net, r=4)
     m = L.lora_modules(net)[0][1]
-    assert m.lora_A.dtype == m.lora_B.dtype == torch.bfloat16
-    assert m.lora_A.device == m.base.weight.device
+    assert m.lora_A.dtype == m.lora_B.dtype == torch.float32  # method §7: as peft keeps them
+    assert m.base.weight.dtype == torch.bfloat16 and m.lora_A.device == m.base.weight.device
     b = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
-    assert torch.isfinite(logits(net, b)).all()
+    out = logits(net, b)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def _adam_updates(tiny_dir, batch, dtype, steps=20, lr=1e-5):
+    """lora_A after `steps` AdamW steps at the stage-2-like LR on a base of `dtype`, and before."""
+    net, _ = M.load_policy(tiny_dir, dtype=dtype)
+    torch.manual_seed(0)
+    L.apply_lora(net, r=8, alpha=8)
+    randomize_B(net, std=0.02)  # B != 0, so that A gets gradients from the first step on
+    params = L.lora_parameters(net)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-3)
+    b = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    before = [p.detach().clone() for p in params[::2]]  # the lora_A of every layer
+    for _ in range(steps):
+        opt.zero_grad()
+        net(**b).logits.float().log_softmax(-1)[..., 7].mean().backward()
+        opt.step()
+    return torch.cat([(p.detach() - q).flatten() for p, q in zip(params[::2], before)])
+
+
+def test_bf16_base_adapters_learn_at_small_lr(tiny_dir, batch):
+    # On a bf16 base, bf16 adapters left most lora_A entries unmoved at LR 1e-5 and their update
+    # was ~90% off the fp32 one; fp32 adapters move every entry and follow the fp32 run.
+    d16, d32 = _adam_updates(tiny_dir, batch, torch.bfloat16), _adam_updates(tiny_dir, batch, torch.float32)
+    assert (d16 != 0).float().mean() > 0.99
+    assert ((d16 - d32).norm() / d32.norm()).item() < 0.25
 
 
 def test_layer_formula_with_dropout():
@@ -256,3 +282,25 @@ def test_save_load_roundtrip_and_mismatch(tiny_dir, batch, tmp_path):
     L.apply_lora(alpha8, r=8, alpha=8)
     with pytest.raises(ValueError, match='alpha mismatch'):
         L.load_lora(alpha8, path)
+
+
+def test_damaged_adapter_files_give_one_clear_error(tiny_dir, tmp_path):
+    net = fresh(tiny_dir)
+    L.apply_lora(net, r=4)
+    good = str(tmp_path / 'good.safetensors')
+    L.save_lora(net, good)
+    raw = open(good, 'rb').read()
+    cases = {'truncated': raw[:len(raw) // 2], 'garbled': b'\x00garbage' * 50, 'empty': b''}
+    for name, content in cases.items():
+        path = tmp_path / f'{name}.safetensors'
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f'{name}.safetensors: unreadable'):
+            L.read_lora(str(path))
+    state, meta = L.read_lora(good)
+    state[next(iter(state))][0, 0] = float('nan')  # NaN bytes inside an otherwise valid file
+    from safetensors.torch import save_file
+    save_file(state, str(tmp_path / 'nan.safetensors'), metadata={k: json.dumps(v) for k, v in meta.items()})
+    with pytest.raises(ValueError, match='NaN or inf'):
+        L.read_lora(str(tmp_path / 'nan.safetensors'))
+    with pytest.raises(ValueError, match='no such file'):
+        L.read_lora(str(tmp_path / 'missing.safetensors'))
