@@ -1,4 +1,4 @@
-"""grpo.py: the GRPO pieces as StAR runs them (SPEC §6): group-normalised advantages, fp32 per-token
+"""grpo.py: the GRPO pieces as StAR runs them (docs/method.md §6): group-normalised advantages, fp32 per-token
 log-probs of the responses under a Qwen-VL policy, and the PPO-clip loss with an optional k3 KL.
 Pure functions; the training loop that strings them together lives elsewhere.
 Tested by: python -m pytest tests/test_grpo.py
@@ -26,44 +26,82 @@ def masked_mean(x, mask, dim=None):
     return (x.sum() if dim is None else x.sum(dim)) / n.clamp_min(1).to(x.dtype)
 
 
-def token_logprobs(model, batch, micro_batch=8):
+def select_images(vision, index):
+    """A Qwen-VL vision output (model.model.get_image_features(..., return_dict=True): per-image
+    `pooler_output` tuple, Qwen3-VL's per-layer `deepstack_features`) -> the same type holding the
+    images at `index`, in that order, repeats allowed. The vision tower runs once per prompt and its
+    output is reused by all n rollout rows (method §6: the frozen tower, run n times, gives n copies)."""
+    index = list(index)
+    out = type(vision)(pooler_output=tuple(vision.pooler_output[i] for i in index))
+    if getattr(vision, 'deepstack_features', None) is not None:
+        out.deepstack_features = [tuple(layer[i] for i in index) for layer in vision.deepstack_features]
+    return out
+
+
+def _chunk_logprobs(head, hidden, target):
+    """(c, H) hidden states, (c,) targets -> (c,) fp32 log p(target): logits of the chunk only."""
+    logits = head(hidden).float()                                              # (c, V)
+    return logits.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def token_logprobs(model, batch, micro_batch=8, token_chunk=512):
     """(B, T) fp32: [b, t] = log p(input_ids[b,t] | input_ids[b,:t]) where response_mask is True
-    (t >= 1), 0 elsewhere. One image per row; rows are processed micro_batch at a time, each with
-    its own slice of pixel_values (prod(image_grid_thw[i]) patches per image). Only the logits that
-    predict response tokens are computed (a boolean logits_to_keep), and only they go to fp32."""
+    (t >= 1), 0 elsewhere. One image per row: `pixel_values` (prod(image_grid_thw[i]) patches per
+    image) or a precomputed vision output `vision` with one entry per row (select_images).
+    Memory (method §6): the LM's hidden states at the positions that predict response tokens go through
+    lm_head `token_chunk` tokens at a time, and under autograd each chunk is checkpointed, so backward
+    recomputes its (chunk, V) logits instead of keeping (tokens, V) fp32 logits alive; at V = 151,936
+    and 2,048 tokens that is 1.2 GB per copy for the straightforward way."""
+    from torch.utils.checkpoint import checkpoint
     ids, att, thw = batch['input_ids'], batch['attention_mask'], batch['image_grid_thw']
     B, T = ids.shape
     valid = batch['response_mask'].bool().clone()
     valid[:, 0] = False                                   # the first token has no prefix
-    keep = torch.zeros_like(valid)
-    keep[:, :-1] = valid[:, 1:]                           # logits at t-1 predict token t
+    vision = batch.get('vision')
     starts = [0] + torch.cumsum(thw.prod(-1), 0).tolist()  # pixel_values row offset per image
     mm = batch.get('mm_token_type_ids')
     if mm is None:  # without it Qwen-VL silently falls back to 1-D positions: rebuild it
         mm = (ids == model.config.image_token_id).int()
+    head = model.get_output_embeddings()
     rows = []
     for s in range(0, B, micro_batch):
         e = min(s + micro_batch, B)
-        if not keep[s:e].any():                           # nothing to score in these rows
-            rows.append(torch.zeros(e - s, T, dtype=torch.float32, device=ids.device))
+        out = torch.zeros(e - s, T, dtype=torch.float32, device=ids.device)
+        if not valid[s:e].any():                          # nothing to score in these rows
+            rows.append(out)
             continue
-        logits = model(input_ids=ids[s:e], attention_mask=att[s:e], image_grid_thw=thw[s:e],
-                       pixel_values=batch['pixel_values'][starts[s]:starts[e]],
-                       mm_token_type_ids=mm[s:e], logits_to_keep=keep[s:e], use_cache=False).logits
-        target = ids[s:e][valid[s:e]]                     # (n,) same row-major order as keep
-        lp = logits.gather(-1, target[:, None]).squeeze(-1).float() - torch.logsumexp(logits.float(), -1)
-        rows.append(torch.zeros(e - s, T, dtype=torch.float32, device=ids.device)
-                    .masked_scatter(valid[s:e], lp))
+        kw = dict(input_ids=ids[s:e], attention_mask=att[s:e], image_grid_thw=thw[s:e], mm_token_type_ids=mm[s:e],
+                  use_cache=False)
+        if vision is not None:
+            kw['mm_encoder_outputs'] = {'image': select_images(vision, range(s, e))}
+        else:
+            kw['pixel_values'] = batch['pixel_values'][starts[s]:starts[e]]
+        hidden = model.model(**kw).last_hidden_state                          # (n, T, H)
+        pred = hidden[:, :-1][valid[s:e, 1:]]             # (k, H): the states at t-1 predict token t
+        target = ids[s:e][valid[s:e]]                     # (k,) in the same row-major order
+        parts = []
+        for c in range(0, len(target), token_chunk):
+            args = (head, pred[c:c + token_chunk], target[c:c + token_chunk])
+            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                         else _chunk_logprobs(*args))
+        rows.append(out.masked_scatter(valid[s:e], torch.cat(parts)))
     return torch.cat(rows)
 
 
 def grpo_loss(logp, old_logp, adv, mask, clip_eps=0.2, ref_logp=None, kl_coef=0.0, agg='token'):
-    """PPO-clip surrogate (SPEC §6) on (B, T) log-probs with (B,) advantages broadcast over tokens,
-    plus kl_coef × k3 KL to ref_logp (exp(x) - x - 1, x = ref - logp clamped to ±10).
+    """PPO-clip surrogate (method §6) on (B, T) log-probs, plus kl_coef × k3 KL to ref_logp
+    (exp(x) - x - 1, x = ref - logp clamped to ±10). adv: (B,) one advantage per response, broadcast
+    over its tokens (GRPO), or (B, T) per token (as TRL and veRL pass them); anything else is refused.
     agg 'token': masked mean over all response tokens of the batch (StAR); 'seq': mean over
     sequences of per-sequence token means. Returns (loss, stats of floats)."""
     mask = mask.bool()
-    a = adv.to(logp.dtype)[:, None]                                     # (B, 1)
+    if adv.shape == logp.shape:
+        a = adv.to(logp.dtype)                                          # (B, T)
+    elif adv.dim() == 1 and adv.shape[0] == logp.shape[0]:
+        a = adv.to(logp.dtype)[:, None]                                 # (B, 1)
+    else:
+        raise ValueError(f'advantages must be (B,) = ({logp.shape[0]},) or (B, T) = {tuple(logp.shape)}, '
+                         f'got {tuple(adv.shape)}')
     ratio = torch.exp(torch.where(mask, logp - old_logp, torch.zeros_like(logp)))  # (B, T)
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
     per_token = -torch.minimum(ratio * a, clipped * a)
@@ -83,5 +121,5 @@ def grpo_loss(logp, old_logp, adv, mask, clip_eps=0.2, ref_logp=None, kl_coef=0.
         stats = dict(clip_frac=masked_mean(is_clipped.float(), mask).item(),
                      kl=masked_mean(kl, mask).item(),
                      entropy=-masked_mean(logp.float(), mask).item(),
-                     mean_adv=adv.float().mean().item())
+                     mean_adv=masked_mean(a.float().expand_as(logp), mask).item())
     return loss, stats

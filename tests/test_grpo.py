@@ -89,6 +89,24 @@ def test_token_vs_seq_aggregation_by_hand():
     assert G.grpo_loss(logp, logp, adv, mask, agg='seq')[0].item() == pytest.approx(1 / 2)
 
 
+def test_advantage_shapes_per_response_and_per_token():
+    torch.manual_seed(0)
+    logp = (-torch.rand(3, 4)).requires_grad_()
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 1, 0]]).bool()
+    adv = torch.tensor([2.0, -1.0, 0.5])
+    per_row, _ = G.grpo_loss(logp, logp.detach(), adv, mask)
+    same, _ = G.grpo_loss(logp, logp.detach(), adv[:, None].expand(3, 4).clone(), mask)
+    assert same.item() == pytest.approx(per_row.item())          # (B, T) constant per row == (B,)
+    per_token = torch.arange(12.0).reshape(3, 4) - 5              # by hand: -sum(A_bt over mask) / 8
+    loss, _ = G.grpo_loss(logp, logp.detach(), per_token, mask)
+    assert loss.item() == pytest.approx(-per_token[mask].sum().item() / 8)
+    loss.backward()
+    assert torch.allclose(logp.grad, -(per_token * mask) / 8)
+    for bad in (torch.zeros(3, 1), torch.zeros(4), torch.zeros(3, 4, 1), torch.zeros(2, 4)):
+        with pytest.raises(ValueError, match='advantages must be'):
+            G.grpo_loss(logp, logp.detach(), bad, mask)
+
+
 # ----------------------------------------------------------------- token_logprobs on the tiny model
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
@@ -120,9 +138,26 @@ def test_token_logprobs_matches_full_batch_reference(tiny):
         out_1 = G.token_logprobs(net, batch, micro_batch=1)
         out_2 = G.token_logprobs(net, batch, micro_batch=2)
         no_mm = G.token_logprobs(net, {k: v for k, v in batch.items() if k != 'mm_token_type_ids'})
+        chunked = G.token_logprobs(net, batch, micro_batch=2, token_chunk=3)  # chunks cut inside rows
+        # the vision tower run once per image, its output passed per row (the update's way)
+        vision = net.model.get_image_features(batch['pixel_values'], batch['image_grid_thw'], return_dict=True)
+        cached = G.token_logprobs(net, {**{k: v for k, v in batch.items() if k != 'pixel_values'},
+                                        'vision': G.select_images(vision, range(B))}, micro_batch=2)
     assert out_b.dtype == torch.float32 and (out_b[~resp] == 0).all() and (out_b[resp] < 0).all()
-    for out in (out_b, out_1, out_2, no_mm):
+    for out in (out_b, out_1, out_2, no_mm, chunked, cached):
         assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
-    logp = G.token_logprobs(net, batch, micro_batch=2)   # gradients reach the weights
-    logp.sum().backward()
-    assert net.lm_head.weight.grad is not None and net.lm_head.weight.grad.abs().sum() > 0
+    grads = []
+    for chunk in (512, 3):  # gradients reach the weights, the same through checkpointed chunks
+        net.zero_grad()
+        G.token_logprobs(net, batch, micro_batch=2, token_chunk=chunk).sum().backward()
+        grads.append([p.grad.clone() for p in (net.lm_head.weight, net.model.language_model.layers[0].mlp.up_proj.weight)])
+    assert grads[0][0].abs().sum() > 0 and grads[0][1].abs().sum() > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_select_images_repeats_per_row_outputs():
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    feats = (torch.zeros(2, 3), torch.ones(4, 3))
+    out = G.select_images(BaseModelOutputWithPooling(pooler_output=feats), [1, 1, 0])
+    assert [f.shape[0] for f in out.pooler_output] == [4, 4, 2] and out.pooler_output[0] is feats[1]
