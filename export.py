@@ -14,14 +14,14 @@ from transformers import AutoProcessor
 import lora
 import model as M
 
-p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__.split('\n')[0])  # each default is said once, in its help
 p.add_argument('--adapter', required=True, help='LoRA file written by train.py (adapter.safetensors)')
 p.add_argument('--model', default=None, help='base checkpoint dir (default: the base recorded in the adapter)')
 p.add_argument('--out', required=True, help='new checkpoint dir (must not exist, or be empty)')
 p.add_argument('--prompt-file', default=None, help='prompt template to ship (default: prompt.txt beside the '
                'adapter, else the one its training stage used)')
 p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
-               help="weights' dtype (auto: the base checkpoint's); the merge itself sums in fp32")
+               help="weights' dtype (default auto: the base checkpoint's); the merge itself sums in fp32")
 args = p.parse_args()
 
 
