@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import data
+import rows as tables
 
 
 def png(arr):
@@ -149,13 +150,13 @@ def check_hf(samples, name, ims, ms):
 def test_hf_parquet(tmp_path):
     rows, ims, ms = hf_rows()
     pq.write_table(pa.table(rows), tmp_path / 'test.parquet', row_group_size=1)  # 2 record batches
-    check_hf(data.load_hf(str(tmp_path / 'test.parquet')), 'test', ims, ms)
+    check_hf(tables.load_hf(str(tmp_path / 'test.parquet')), 'test', ims, ms)
     check_hf(data.load_dataset(str(tmp_path / 'test.parquet')), 'test', ims, ms)
     check_hf(data.load_dataset(str(tmp_path)), tmp_path.name, ims, ms)  # a folder of parquet files
     rows['mask'] = [{'bytes': png(m.astype(np.uint8)), 'path': None} for m in ms]  # 0/1 PNG struct
     rows['image'] = [r['bytes'] for r in rows['image']]  # raw bytes instead of the struct
     pq.write_table(pa.table(rows), tmp_path / 'x.parquet')
-    check_hf(data.load_hf(str(tmp_path / 'x.parquet')), 'x', ims, ms)
+    check_hf(tables.load_hf(str(tmp_path / 'x.parquet')), 'x', ims, ms)
 
 def test_hf_save_to_disk_arrow(tmp_path):
     rows, ims, ms = hf_rows()
@@ -176,7 +177,7 @@ def test_hf_save_to_disk_arrow(tmp_path):
         data.load_dataset(str(folder))
     with ipc.new_file(str(tmp_path / 'plain.arrow'), table.schema) as w:  # Arrow file format too
         w.write_table(table)
-    check_hf(data.load_hf(str(tmp_path / 'plain.arrow')), 'plain', ims, ms)
+    check_hf(tables.load_hf(str(tmp_path / 'plain.arrow')), 'plain', ims, ms)
 
 def two_rows_second_bad(tmp_path, rows, col, value):
     """rows[0] twice, with `col` of the second replaced -> parquet path (a row-1 error expected)."""
@@ -190,13 +191,14 @@ def two_rows_second_bad(tmp_path, rows, col, value):
     ('mask', [[True] * 6] * 6, r'field mask: mask shape \(6, 6\) != image shape \(6, 7\)'),
     ('mask', [[True] * 7] * 5 + [[True] * 6], 'field mask: ragged'),
     ('img_height', 99, 'fields img_height, img_width != image shape'),
-    ('text', None, "KeyError: 'text'")])
+    ('text', None, "KeyError: 'text'"),
+    ('text', '', 'field text must be a non-empty string')])
 def test_hf_corrupt_row(tmp_path, col, value, match):
     path = two_rows_second_bad(tmp_path, hf_rows()[0], col, value)
     with pytest.raises(data.BadData, match=r'bad\.parquet: row 1: ' + match):
-        data.load_hf(path)
+        tables.load_hf(path)
     with pytest.warns(UserWarning, match='skipped 1 corrupt'):
-        assert [s.id for s in data.load_hf(path, skip_bad=True)] == ['bad/0/img0/3']
+        assert [s.id for s in tables.load_hf(path, skip_bad=True)] == ['bad/0/img0/3']
 
 # ----------------------------------------------------------------------------- stage-1 rows
 MA, MB = boxes(16, 16, (2, 5, 3, 9)), boxes(16, 16, (10, 15, 10, 12))
@@ -224,13 +226,40 @@ def test_stage1_rows(tmp_path):
      'field solution has coordinates outside the 16x16'),
     ('solution_mask', [MA.tolist()], 'field solution_mask has 1 masks for 2 objects'),
     ('solution_mask', [MA.tolist(), MB[:8].tolist()],
-     r'field solution_mask\[1\]: mask shape \(8, 16\)')])
+     r'field solution_mask\[1\]: mask shape \(8, 16\)'),
+    ('solution', json.dumps([{'bbox_2d': [3, 2, float('nan'), 4], 'point_2d': [5, 3]}] * 2), 'field solution has a NaN or infinite'),
+    ('solution', json.dumps([{'bbox_2d': [8, 2, 3, 4], 'point_2d': [5, 3]}] * 2), 'field solution has an inverted box')])
 def test_stage1_corrupt_row(tmp_path, col, value, match):
     path = two_rows_second_bad(tmp_path, stage1_rows(rgb(16, 16, 3)), col, value)
     with pytest.raises(data.BadData, match=r'bad\.parquet: row 1: ' + match):
-        data.load_stage1(path)
+        tables.load_training_rows(path)
     with pytest.warns(UserWarning, match='skipped 1 corrupt'):
-        assert [s.id for s in data.load_stage1(path, skip_bad=True)] == ['bad/0']
+        assert [s.id for s in tables.load_training_rows(path, skip_bad=True)] == ['bad/0']
+
+def test_stage2_rows_as_published(tmp_path):
+    # ReasonSeg-X train: problem, image, solution_mask (one mask per target), no solution
+    im = rgb(16, 16, 4)
+    rows = {'problem': ['what could hold soup?', 'nothing here'], 'image': [{'bytes': png(im), 'path': None}] * 2,
+            'solution_mask': [[MA.tolist(), MB.tolist()], []]}
+    pq.write_table(pa.table(rows), tmp_path / 'rsx.parquet')
+    s, none = data.load_dataset(str(tmp_path / 'rsx.parquet'))
+    assert s.query == 'what could hold soup?' and s.id == 'rsx/0'
+    np.testing.assert_array_equal(s.masks, np.stack([MA, MB]))
+    np.testing.assert_array_equal(s.boxes, [[3, 2, 8, 4], [10, 10, 11, 14]])  # inclusive extent of each mask
+    np.testing.assert_array_equal(s.points, [brute_point(MA), brute_point(MB)])
+    assert none.masks.shape == (0, 16, 16) and none.boxes.shape == (0, 4)  # no target
+    rows['solution_mask'][1] = [np.zeros((16, 16), bool).tolist()]
+    pq.write_table(pa.table(rows), tmp_path / 'bad.parquet')
+    with pytest.raises(data.BadData, match=r'bad\.parquet: row 1: field solution_mask\[0\] is empty'):
+        data.load_dataset(str(tmp_path / 'bad.parquet'))
+
+def test_polygon_off_the_image_and_empty_datasets(tmp_path):
+    folder = tmp_path / 'val'
+    write_lisa(folder, 'off', 6, 6, [('target', [[10, 10], [14, 10], [14, 14]])])  # wholly outside 6x6
+    with pytest.raises(data.BadData, match=r"off\.json: shapes\[0\] \('target'\) lies outside the 6x6"):
+        data.load_dataset(str(folder))
+    with pytest.warns(UserWarning), pytest.raises(data.BadData, match='no usable sample'):
+        data.load_dataset(str(folder), skip_bad=True)  # skipping the only file leaves nothing
 
 # ----------------------------------------------------------------------------- dispatch, pyarrow
 def test_dispatch_errors(tmp_path, monkeypatch):
@@ -244,7 +273,7 @@ def test_dispatch_errors(tmp_path, monkeypatch):
         data.load_dataset(str(tmp_path / 'other.parquet'))
     (tmp_path / 'broken.parquet').write_bytes(b'PAR1 this is not parquet')
     with pytest.raises(data.BadData, match=r'broken\.parquet: unreadable parquet'):
-        data.load_hf(str(tmp_path / 'broken.parquet'))
+        tables.load_hf(str(tmp_path / 'broken.parquet'))
     monkeypatch.setitem(sys.modules, 'pyarrow', None)  # as if pyarrow were not installed
     with pytest.raises(ImportError, match='pip install pyarrow'):
-        data.load_hf(str(tmp_path / 'other.parquet'))
+        tables.load_hf(str(tmp_path / 'other.parquet'))
