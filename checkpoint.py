@@ -1,13 +1,19 @@
 """checkpoint.py: atomic training checkpoints and exact resume (used by train.py).
 
 A checkpoint is a folder: the weights (a full model dir in stage 0, adapter.safetensors in stages
-1-2), prompt.txt, and trainer.pt (optimizer, step, RNG states, the run's config). It is written into
-`last.tmp` and swapped in with renames, so a crash mid-write leaves the previous one intact.
-Tested by: python -m pytest tests/test_train.py (kill-and-resume reproduces the uninterrupted run)
+1-2), prompt.txt, and trainer.pt (optimizer, step, RNG states, the run's config), written last, so
+its presence marks the folder complete. A save writes `last.tmp`, moves `last` to `last.old`,
+renames `last.tmp` to `last` and deletes `last.old`; a kill anywhere in between leaves a complete
+folder under one of the three names, and `recover` puts the newest one back as `last`.
+Tested by: python -m pytest tests/test_train.py -k "resume or checkpoint"
 """
-import os, shutil
+import json, os, shutil
 import numpy as np
 import torch
+
+
+def complete(folder):
+    return os.path.isfile(os.path.join(folder, 'trainer.pt'))
 
 
 def save(path, save_weights, opt, step, config, template):
@@ -18,8 +24,10 @@ def save(path, save_weights, opt, step, config, template):
     save_weights(tmp)
     with open(os.path.join(tmp, 'prompt.txt'), 'w') as f:
         f.write(template)
-    torch.save({'opt': opt.state_dict(), 'step': step, 'config': config, 'torch_rng': torch.get_rng_state(),
-                'numpy_rng': np.random.get_state()}, os.path.join(tmp, 'trainer.pt'))
+    state = {'opt': opt.state_dict(), 'step': step, 'config': config, 'torch_rng': torch.get_rng_state(),
+             'numpy_rng': np.random.get_state()}
+    torch.save(state, os.path.join(tmp, 'trainer.pt.part'))
+    os.replace(os.path.join(tmp, 'trainer.pt.part'), os.path.join(tmp, 'trainer.pt'))  # now complete
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
         os.replace(path, old)
@@ -27,11 +35,54 @@ def save(path, save_weights, opt, step, config, template):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def restore(path, opt):
-    """Load optimizer and RNG states in place; -> the step to continue from."""
-    st = torch.load(os.path.join(path, 'trainer.pt'), weights_only=False)
-    opt.load_state_dict(st['opt'])
+def recover(path):
+    """-> `path` if it holds a complete checkpoint after repairing an interrupted save (the newer of
+    `path.tmp` and `path.old` becomes `path`), else None."""
+    if not complete(path):
+        for candidate in (path + '.tmp', path + '.old'):  # .tmp was being installed: it is the newer one
+            if complete(candidate):
+                shutil.rmtree(path, ignore_errors=True)
+                os.replace(candidate, path)
+                print(f'[train] {path} was left half-saved by an interrupted run: restored it from {candidate}')
+                break
+    return path if complete(path) else None
+
+
+def load_state(path):
+    """trainer.pt of a checkpoint folder -> its dict; a damaged file is a ValueError naming it."""
+    file = os.path.join(path, 'trainer.pt')
+    try:
+        return torch.load(file, weights_only=False, map_location='cpu')
+    except Exception as e:  # noqa: BLE001 - truncated zip, garbage bytes, wrong pickle...
+        raise ValueError(f'{file}: unreadable ({type(e).__name__}: {e})') from None
+
+
+def restore(path, opt, lr=None):
+    """Optimizer and RNG states of a checkpoint, in place; -> (step to continue from, saved config).
+    lr: the learning rate to use from here on (a changed --lr wins over the saved one, and is said)."""
+    st = load_state(path)
+    try:
+        opt.load_state_dict(st['opt'])
+    except (ValueError, KeyError) as e:
+        raise ValueError(f'{path}/trainer.pt: optimizer state does not fit this model ({e})') from None
     torch.set_rng_state(st['torch_rng'])
     np.random.set_state(st['numpy_rng'])
-    print(f'[train] resumed {path} at step {st["step"]}')
-    return st['step']
+    saved_lr = opt.param_groups[0]['lr']
+    if lr is not None and lr != saved_lr:
+        print(f'[train] --lr {lr} replaces the checkpoint\'s lr {saved_lr}')
+        for group in opt.param_groups:
+            group['lr'] = lr
+    print(f'[train] resumed {path} at step {st["step"]} (lr {opt.param_groups[0]["lr"]})')
+    return st['step'], st.get('config', {})
+
+
+def truncate_log(log_path, step):
+    """Keep the records of log.jsonl up to `step` (a resumed run rewrites the steps after it), so
+    the log holds one record per step. Written to a temp file, then renamed."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path) as f:
+        keep = [line for line in f if line.endswith('\n') and json.loads(line).get('step', 0) <= step]
+    with open(log_path + '.tmp', 'w') as f:
+        f.writelines(keep)
+    os.replace(log_path + '.tmp', log_path)

@@ -151,9 +151,10 @@ bar = tqdm(total=sum(len(idx) for _, idx in mine), desc='eval', disable=rank != 
 for b, idx in mine:
     chunk = [samples[i] for i in idx]
     torch.manual_seed(args.seed + b)  # per batch: samples do not depend on which rank runs it
-    _, _, rmask, texts = pipeline.generate(net, proc, chunk, template, image_size, n=N, greedy=N == 1,
-                                           temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new)
-    lens = rmask.sum(1).tolist()  # (B*N,) tokens up to and incl. the first EOS
+    rolls = pipeline.generate(net, proc, chunk, template, image_size, n=N, greedy=N == 1, temperature=args.temperature,
+                              top_p=args.top_p, max_new_tokens=max_new, seed=args.seed, keys=idx)
+    texts = [t for r in rolls for t in r.texts]
+    lens = [n for r in rolls for n in r.mask.sum(1).tolist()]  # (B*N,) tokens up to and incl. the first EOS
     for j, (i, s) in enumerate(zip(idx, chunk)):
         txt = texts[j * N:(j + 1) * N]
         answers = pipeline.segment_answers(seg, s, txt, image_size, coord_mode)  # one decoder batch

@@ -162,27 +162,52 @@ def to_model(xy, orig_wh, input_wh):
 
 
 # ----------------------------------------------------------------------------- loading (SPEC §1)
-def load_policy(path, dtype=None, device='cpu', adapter=None):
-    """Any local Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint dir -> (model, processor).
-    adapter: a LoRA file written by train.py (lora.save_lora), wrapped and loaded on top."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def _check_dir(path, weights=True):
     if not os.path.isdir(path):
         raise FileNotFoundError(f'model checkpoint {path!r} is not a directory')
     files = os.listdir(path)
     if 'config.json' not in files:
         raise FileNotFoundError(f'model checkpoint {path!r} has no config.json')
-    if not any(f.endswith(('.safetensors', '.bin')) for f in files):
+    if weights and not any(f.endswith(('.safetensors', '.bin')) for f in files):
         raise FileNotFoundError(f'model checkpoint {path!r} has no weights (*.safetensors / *.bin)')
     if not any(f.startswith(('tokenizer', 'vocab')) for f in files):
         raise FileNotFoundError(f'model checkpoint {path!r} has no tokenizer files')
-    dtype = dtype or (torch.bfloat16 if str(device).startswith('cuda') else torch.float32)
+
+
+def load_processor(path):
+    """The checkpoint's processor (tokenizer + image processor), left-padding for generation."""
+    from transformers import AutoProcessor
+    _check_dir(path, weights=False)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = 'left'  # generation appends on the right
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    return processor
+
+
+def load_model(path, dtype=None, device='cpu', random_init=False):
+    """The checkpoint's model; bf16 on GPU, fp32 on CPU unless dtype is given. random_init: the
+    architecture of config.json with random weights, built on the device (a smoke test of a real
+    configuration without its weights)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    _check_dir(path, weights=not random_init)
+    dtype = dtype or (torch.bfloat16 if str(device).startswith('cuda') else torch.float32)
+    if not random_init:
+        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    from transformers import GenerationConfig
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    if os.path.isfile(os.path.join(path, 'generation_config.json')):
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
+def load_policy(path, dtype=None, device='cpu', adapter=None):
+    """Any local Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint dir -> (model, processor).
+    adapter: a LoRA file written by train.py (lora.save_lora), wrapped and loaded on top."""
+    _check_dir(path)
+    processor = load_processor(path)
+    model = load_model(path, dtype, device)
     if adapter is not None:
         import lora
-        if not os.path.isfile(adapter):
-            raise FileNotFoundError(f'LoRA adapter {adapter!r} does not exist')
         state, meta = lora.read_lora(adapter)
         lora.apply_lora(model, r=meta['r'], alpha=meta['alpha'])
         lora.load_lora(model, state)
@@ -206,13 +231,27 @@ def default_coord_mode(model):
     return 'auto' if 'qwen3' in model.config.model_type else 'pixel'
 
 
+def _token_side(processor):
+    ip = processor.image_processor
+    return getattr(ip, 'patch_size', 14) * getattr(ip, 'merge_size', 2)  # one visual token's side in pixels
+
+
 def default_image_size(processor, paper=840):
-    """The model-input side: SPEC §3's 840, or less when the processor keeps fewer pixels (the
+    """The model-input side: method §3's 840, or less when the processor keeps fewer pixels (the
     sandbox base keeps 112²; a larger input would be shrunk and its coordinates misread)."""
     ip = processor.image_processor
     most = (getattr(ip, 'size', None) or {}).get('longest_edge') or getattr(ip, 'max_pixels', None)
-    unit = getattr(ip, 'patch_size', 14) * getattr(ip, 'merge_size', 2)  # one visual token's side
-    return min(paper, math.isqrt(int(most)) // unit * unit) if most else paper
+    unit = _token_side(processor)
+    return min(paper, math.isqrt(int(most)) if most else paper) // unit * unit  # whole visual tokens
+
+
+def check_image_size(processor, size):
+    """The processor resizes an input to whole visual tokens within its pixel budget; any other side
+    would be changed behind our back and the answer's pixel coordinates misread."""
+    unit, most = _token_side(processor), default_image_size(processor, paper=1 << 20)
+    if size % unit or not unit <= size <= most:
+        raise ValueError(f'--image-size {size}: must be a multiple of {unit} (one visual token) between {unit} '
+                         f'and {most} for this processor')
 
 
 def make_inputs(processor, images, prompts, answers=None):

@@ -49,7 +49,7 @@ def pretrain_vision(net, head, proc, args):
 
 def run(args, config, ckpt, log, prompt):
     """Build (or resume) the tiny base and train all its weights; checkpoints go to `ckpt`."""
-    resume = args.resume and os.path.isdir(ckpt)
+    resume = args.resume and checkpoint.recover(ckpt) is not None
     src = ckpt if resume else args.model or M.build_tiny_policy(
         os.path.join(args.out, 'init'), words=world.vocabulary(), seed=args.seed,
         image_size=args.image_size, prompt=prompt)
@@ -62,7 +62,7 @@ def run(args, config, ckpt, log, prompt):
         pretrain_vision(net, head, proc, args)
     groups = [{'params': list(net.parameters())}] + ([{'params': list(head.parameters())}] if args.attr_coef else [])
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
-    start = checkpoint.restore(ckpt, opt) if resume else 0
+    start = checkpoint.restore(ckpt, opt, lr=None)[0] if resume else 0
     def save_weights(d):  # the attribute head only when it trains beside the LM (resume needs it)
         net.save_pretrained(d), proc.save_pretrained(d)
         if args.attr_coef:
