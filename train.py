@@ -255,7 +255,8 @@ try:
         adv = grpo.group_advantages(reward.gather(1, kept))                                # (B, G)
         t_rew = time.time() - t0 - t_gen
         # 4. loss: PPO-clip, token mean over every kept response token of the step, on all ranks
-        n_tok = parallel.all_reduce(sum(r.mask[k].sum() for r, k in zip(rolls, kept)).float(), args.device)
+        n_tok = parallel.all_reduce(torch.tensor(float(sum(r.mask[k].sum() for r, k in zip(rolls, kept))),
+                                                 device=args.device), args.device)
         opt.zero_grad(set_to_none=True)
         losses = [policy_loss(r, k, a, n_tok) for r, k, a in zip(rolls, kept, adv)]
         stats = [st for _, sts in losses for st in sts]

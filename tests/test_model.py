@@ -2,7 +2,7 @@
 parsing, coordinate mapping and the segmenter's embedding cache.
 Run: python -m pytest tests/test_model.py
 """
-import os, time
+import os
 import numpy as np
 import pytest
 import torch

@@ -3,7 +3,7 @@
 Stages 1-2 start from the shipped sandbox base (sandbox/stage0), so rollouts have varied rewards.
 Run: python -m pytest tests/test_train.py
 """
-import json, os, subprocess, sys
+import ast, json, os, shutil, signal, subprocess, sys, time
 import pytest
 import torch
 
@@ -16,10 +16,12 @@ RL = ['--model', BASE, '--preset', 'sandbox', '--batch', '2', '--group', '4', '-
       '--lora-r', '4', '--lora-alpha', '8', '--max-new-tokens', '60', '--eval-every', '0', '--lr', '1e-3']
 
 
-def run(*args, torchrun=False, ok=True):
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false'}
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false', 'PYTHONPATH': ROOT}
+
+
+def run(*args, torchrun=False, ok=True, script=('train.py',)):
     cmd = [sys.executable] + (['-m', 'torch.distributed.run', '--nproc_per_node', '2'] if torchrun else [])
-    p = subprocess.run(cmd + [os.path.join(ROOT, 'train.py'), *map(str, args)], cwd=ROOT, env=env,
+    p = subprocess.run(cmd + [os.path.join(ROOT, s) for s in script] + [*map(str, args)], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert (p.returncode == 0) == ok, p.stdout[-2000:] + p.stderr[-3000:]
     return p
@@ -128,6 +130,74 @@ def test_stage2_rest_continues_stage1(two_steps, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_collectives_only_see_device_tensors():
+    """NCCL has no CPU path: a tensor made on the host and handed to a collective stops the first
+    GPU step, and a gloo test cannot notice. (1) parallel refuses a tensor on another device; (2) every
+    collective in train.py receives a tensor made right there with an explicit device= (the old token
+    count was a name bound to torch.tensor(...) without one)."""
+    import parallel
+    with pytest.raises(RuntimeError, match='NCCL needs'):
+        parallel._checked(torch.zeros(1), 'meta')
+    tree = ast.parse(open(os.path.join(ROOT, 'train.py')).read())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and n.func.attr in ('all_reduce', 'all_gather', 'broadcast', 'reduce_scatter', 'reduce')]
+    assert len(calls) >= 2, 'the step reduces a token count and a loss'
+    for call in calls:
+        arg = call.args[0]
+        assert isinstance(arg, ast.Call) and ast.unparse(arg.func) in ('torch.tensor', 'torch.zeros', 'torch.full') \
+            and any(k.arg == 'device' for k in arg.keywords), ast.unparse(call)
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    t = time.time()
+    p = run('train.py', '--stage', 1, *RL, '--batch', 1, '--steps', 2, '--out', str(tmp_path), torchrun=True, ok=False,
+            script=('tests/nan_on_rank1.py',))
+    assert 'non-finite loss/gradient at step 1' in p.stderr and time.time() - t < 240  # no hang to a timeout
+    assert not os.path.exists(os.path.join(tmp_path, 'last'))
+
+
+def test_interrupted_save_and_resume_bookkeeping(two_steps, tmp_path):
+    out = str(tmp_path)
+    run('--stage', 1, *RL, '--steps', 1, '--save-every', 1, '--out', out)
+    p = run('--stage', 1, *RL, '--steps', 1, '--out', out, ok=False)  # a finished run is not overwritten
+    assert '--resume' in p.stderr and 'Traceback' not in p.stderr
+    # a kill between the two renames of checkpoint.save: last.old and a complete last.tmp, no last
+    os.replace(os.path.join(out, 'last'), os.path.join(out, 'last.old'))
+    shutil.copytree(os.path.join(out, 'last.old'), os.path.join(out, 'last.tmp'))
+    with open(os.path.join(out, 'log.jsonl'), 'a') as f:  # a step logged after the last save
+        f.write(json.dumps({'step': 2, 'reward': -1.0}) + '\n')
+    p = run('--stage', 1, *RL, '--steps', 2, '--save-every', 1, '--out', out, '--resume', '--lr', '2e-3')
+    assert 'restored it from' in p.stdout and 'at step 1' in p.stdout and '--lr 0.002 replaces' in p.stdout
+    assert [r['step'] for r in records(out)] == [1, 2] and records(out)[1]['reward'] != -1.0
+    p = run('--stage', 1, *RL, '--steps', 1, '--out', str(tmp_path / 'new'), '--resume')
+    assert 'no checkpoint' in p.stdout
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
+    out = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, 'train.py', '--stage', '1', *RL, '--steps', '50', '--out', out],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, 'log.jsonl')
+    while not (os.path.isfile(log) and open(log).read().count('\n') >= 1):
+        time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and 'Traceback' not in err and '--resume' in err.splitlines()[-1]
+    done = lora.read_lora(os.path.join(out, 'last', 'adapter.safetensors'))[1]['step']
+    assert done >= 1 and done == max(r['step'] for r in records(out))
+
+
+@pytest.mark.parametrize('flags, words', [
+    (['--steps', -3], '--steps -3: must be >= 1'), (['--batch', 0], '--batch 0'), (['--lora-r', 0], '--lora-r 0'),
+    (['--temperature', 0], '--temperature 0'), (['--save-every', 0], '--save-every 0'),
+    (['--rollouts', 2, '--group', 4], '--rollouts 2 < --group 4'), (['--top-p', 1.5], '--top-p 1.5'),
+    (['--image-size', 13], '--image-size 13: must be a multiple of 28'), (['--out', 'README.md'], 'is a file')])
+def test_bad_flags_stop_before_any_work(flags, words):
+    p = run('--stage', 1, '--model', BASE, *flags, ok=False)
+    assert words in p.stderr and 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) <= 3
+
+
 def test_bad_input_gives_one_clear_line(two_steps, tmp_path):
     p = run('--stage', 2, '--model', BASE, '--steps', 1, '--out', str(tmp_path), ok=False)
     assert '--init-adapter' in p.stderr and 'Traceback' not in p.stderr
@@ -142,6 +212,9 @@ def test_bad_input_gives_one_clear_line(two_steps, tmp_path):
     assert 'vit_q' in p.stderr
     p = run('--stage', 2, '--families', 'P/F,riddles', ok=False)
     assert "'P/F,riddles'" in p.stderr and 'Traceback' not in p.stderr
+    shutil.copytree(two_steps, tmp_path / 'r4', ignore=shutil.ignore_patterns('*.tmp', '*.old'))
+    p = run('--stage', 1, *rl, '--steps', 3, '--out', str(tmp_path / 'r4'), '--resume', ok=False)  # another rank
+    assert 'r=4' in p.stderr and 'Traceback' not in p.stderr
 
 
 def test_paper_preset_on_a_tiny_base_keeps_its_input_side(tmp_path):
