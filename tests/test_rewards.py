@@ -102,9 +102,9 @@ CASES = {
     'three-vs-one-stage2': (answer([A, A, C]), [A], None, 2, 3, 10 / 3, False),
     # unparsable answer: format 1 (tags) + 0, accuracy 0 -> 2
     'unparsable': ('<think>x</think><answer>not json</answer>', [A], NONE, 1, 1, 0, False),
-    # object without box or point (empty mask): 1 valid field -> format 1 + 2/3; stage-1 pair 0,
-    # M == N -> accuracy 0 + 1 -> 5/3 + 2
-    'label-only': (answer([{'label': 'cup'}]), [A], np.zeros((1, HW, HW), bool), 1, 5 / 3, 1, False),
+    # an item without box or point is no object (method §2): a "no object" answer, accuracy 0
+    # (was 1: one empty-mask object, M == N); format 1 (no objects, no field credit) -> 2
+    'label-only': (answer([{'label': 'cup'}]), [A], NONE, 1, 1, 0, False),
 }
 
 
