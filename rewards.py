@@ -4,7 +4,7 @@ with one image encode and batched segmenter calls, a bounded number of masks at 
 
 Never raises on model output; every component stays in its range. "No object" is decided explicitly:
 an empty answer on an empty ground truth is fully correct (9 in stage 1, 10 in stage 2).
-Tested by: python -m pytest tests/test_rewards.py
+Tested by: python -m pytest tests/test_rewards.py tests/test_fuzz.py
 """
 import re
 import numpy as np
@@ -78,7 +78,7 @@ def _bits(masks):
 
 def _iou_bits(a, b):
     """Packed masks (M, P) x (N, P) -> (M, N) float64 IoU, inter / (union + 1e-6) (method §5). Counts are
-    exact popcounts of the ANDed bits: no float copy of the masks, 1/8 of their bytes touched."""
+    exact popcounts of the ANDed bits: no float copy of the masks, and the AND reads 1/8 of their bytes."""
     area_a, area_b = np.bitwise_count(a).sum(1, dtype=np.int64), np.bitwise_count(b).sum(1, dtype=np.int64)
     inter = np.zeros((len(a), len(b)), np.int64)
     for j, g in enumerate(b):
