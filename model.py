@@ -1,12 +1,13 @@
 """model.py: the policy side of StAR: load a Qwen-VL checkpoint (or build a tiny one), write the
-prompt, parse the answer, map coordinates back to the original image (SPEC §1-3).
+prompt (SPEC §1-2). Reading its answer (parse, map coordinates back) is answer.py, re-exported here.
 
 The segmenter side (SAM, the embedding cache) is in segment.py.
 Tested by: python -m pytest tests/test_model.py
 """
-import ast, json, math, os, re
-import numpy as np
+import math, os
 import torch
+
+from answer import MAX_OBJECTS, parse_answer, place_answers, to_model, to_original  # noqa: F401 (re-exported)
 
 # ----------------------------------------------------------------------------- prompts (SPEC §2)
 # Our own wording. {question} is the normalised query. A released checkpoint should be evaluated
@@ -47,118 +48,6 @@ def load_template(path_or_name, ckpt_dir=None):
     text = open(path_or_name).read()
     build_prompt('x', text)  # fails early, naming the problem, if {question} is missing
     return text
-
-
-# ----------------------------------------------------------------------------- answers (SPEC §2)
-_ANSWER = re.compile(r'<answer>(.*?)</answer>', re.S)
-_TRAILING_COMMA = re.compile(r',\s*([\]}])')
-
-
-def _load_json_ish(s):
-    """JSON first, then JSON without trailing commas, then a Python literal (single quotes)."""
-    s = s.strip()
-    if s.startswith('```'):
-        s = re.sub(r'^```[a-zA-Z]*|```$', '', s).strip()
-    for attempt in (lambda: json.loads(s), lambda: json.loads(_TRAILING_COMMA.sub(r'\1', s)),
-                    lambda: ast.literal_eval(s)):
-        try:
-            return attempt()
-        except Exception:  # noqa: BLE001 - anything the model writes must fail softly
-            continue
-    return None
-
-
-def _first_json(text):
-    dec = json.JSONDecoder()
-    for i in [i for i, c in enumerate(text) if c in '[{'][:50]:
-        try:
-            return dec.raw_decode(text, i)[0]
-        except ValueError:
-            continue
-    return None
-
-
-def _numbers(v, n):
-    if isinstance(v, (list, tuple)) and len(v) == n and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
-        return [float(x) for x in v]
-    return None
-
-
-def parse_answer(text):
-    """Model output -> list of {'label', 'bbox_2d', 'point_2d'} (invalid fields None), [] for
-    "no object", or None when nothing parsable is there. Never raises."""
-    try:
-        if not isinstance(text, str) or len(text) > 100_000:
-            return None
-        m = _ANSWER.search(text)  # no tags: the first bracketed block that decodes as JSON
-        obj = _load_json_ish(m.group(1)) if m else _first_json(text)
-        if isinstance(obj, dict):
-            obj = [obj]
-        if not isinstance(obj, (list, tuple)):
-            return None
-        out = []
-        for o in obj:
-            if not isinstance(o, dict):
-                continue
-            label = o.get('label')
-            out.append({'label': label.strip() if isinstance(label, str) and label.strip() else None,
-                        'bbox_2d': _numbers(o.get('bbox_2d'), 4),
-                        'point_2d': _numbers(o.get('point_2d'), 2)})
-        return out if out or len(obj) == 0 else None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-# ----------------------------------------------------------------------------- coordinates (SPEC §3)
-def coord_scale(objects, input_wh, coord_mode):
-    """Size of the space the model's numbers live in: the input image (pixel), 1000 (Qwen3-VL
-    grid), 1 (unit), or 'auto' = inferred from the largest value like the reference does."""
-    if coord_mode == 'pixel':
-        return input_wh
-    if coord_mode == 'grid1000':
-        return (1000.0, 1000.0)
-    if coord_mode == 'unit':
-        return (1.0, 1.0)
-    if coord_mode != 'auto':
-        raise ValueError(f'coord_mode must be pixel|grid1000|unit|auto, got {coord_mode!r}')
-    vals = [v for o in objects for k in ('bbox_2d', 'point_2d') if o.get(k) for v in o[k]]
-    top = max(vals, default=0.0)
-    return (1.0, 1.0) if top <= 1.2 else (1000.0, 1000.0) if top <= 1000.5 else input_wh
-
-
-def _half_up(v):
-    return int(math.floor(v + 0.5))
-
-
-def to_original(objects, orig_wh, input_wh, coord_mode='pixel'):
-    """Model-space objects -> original-pixel objects: scale (round half up), clamp to the image,
-    order corners, keep boxes at least 1 px. Missing fields stay None."""
-    W, H = orig_wh
-    sw, sh = coord_scale(objects, input_wh, coord_mode)
-    fx, fy = W / sw, H / sh
-    out = []
-    for o in objects:
-        box, pt = o.get('bbox_2d'), o.get('point_2d')
-        if box is not None:
-            x1, x2 = sorted(min(max(_half_up(v * fx), 0), W - 1) for v in (box[0], box[2]))
-            y1, y2 = sorted(min(max(_half_up(v * fy), 0), H - 1) for v in (box[1], box[3]))
-            if x2 == x1:
-                x1, x2 = (x1, x1 + 1) if x1 + 1 < W else (x1 - 1, x1)
-            if y2 == y1:
-                y1, y2 = (y1, y1 + 1) if y1 + 1 < H else (y1 - 1, y1)
-            box = [x1, y1, x2, y2]
-        if pt is not None:
-            pt = [min(max(_half_up(pt[0] * fx), 0), W - 1), min(max(_half_up(pt[1] * fy), 0), H - 1)]
-        out.append({**o, 'bbox_2d': box, 'point_2d': pt})
-    return out
-
-
-def to_model(xy, orig_wh, input_wh):
-    """Original-pixel coordinates (..., 2k) -> model input pixels, rounded (for teacher targets)."""
-    xy = np.asarray(xy, float)
-    scale = np.tile([input_wh[0] / orig_wh[0], input_wh[1] / orig_wh[1]], xy.shape[-1] // 2)
-    return np.floor(xy * scale + 0.5).astype(int)
 
 
 # ----------------------------------------------------------------------------- loading (SPEC §1)

@@ -123,8 +123,7 @@ def segment_answers(seg, sample, texts, image_size, coord_mode, key=None):
     image embedding cached under `key` (default: the sample's id). image_size: side or (w, h)."""
     H, W = sample.image.shape[:2]
     wh = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size, image_size)
-    objs = [M.parse_answer(t) for t in texts]
-    objs = [None if o is None else M.to_original(o, (W, H), wh, coord_mode) for o in objs]
+    objs = M.place_answers(texts, (W, H), wh, coord_mode)
     masks, scores = S.segment(seg, sample.image, [o for os_ in objs for o in (os_ or [])],
                               key=sample.id if key is None else key)
     out, k = [], 0

@@ -1,40 +1,59 @@
-"""rewards.py: the verifiable rewards of StAR (SPEC §5): format, non-repeat, mask tiers, stage-1 and
+"""rewards.py: the verifiable rewards of StAR (method §5): format, non-repeat, mask tiers, stage-1 and
 stage-2 accuracy with Hungarian matching, and `score_group`, which scores the G rollouts of one prompt
-with a single batched segmenter call (SPEC §4).
+with one image encode and batched segmenter calls, a bounded number of masks at a time (method §4).
 
 Never raises on model output; every component stays in its range. "No object" is decided explicitly:
 an empty answer on an empty ground truth is fully correct (9 in stage 1, 10 in stage 2).
-Tested by: python -m pytest tests/test_rewards.py
+Tested by: python -m pytest tests/test_rewards.py tests/test_fuzz.py
 """
 import re
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-import model as M
+import answer as A
+import segment as S
 
-_TAGS = re.compile(r'<think>.*?</think>\s*<answer>.*?</answer>', re.S)
-_ANSWER = re.compile(r'<answer>.*?</answer>', re.S)
+MASK_BUDGET = 1 << 27  # bytes of bool masks score_group holds at once (128 MiB: 32 masks of 4 MP)
+_SPACE = re.compile(r'\s*')
 _TIER_EDGES = np.array([0.3, 0.5, 0.7, 0.8, 0.9])  # tier = how many edges the IoU is strictly above
 _NAN4, _NAN2 = [np.nan] * 4, [np.nan] * 2
 
 
+def _tags_match(s):
+    """re.fullmatch(r'<think>.*?</think>\\s*<answer>.*?</answer>', s, re.S), in linear time (the regex
+    backtracks quadratically on '</think><answer>' repeated). It holds when s starts with <think>, ends
+    with </answer>, and the first </think> followed (after whitespace) by <answer> opens an answer that
+    ends at or before that final </answer>: a later such </think> could only open it later."""
+    if not (s.startswith('<think>') and s.endswith('</answer>')):
+        return False
+    close = s.find('</think>', 7)
+    while close >= 0:
+        start = _SPACE.match(s, close + 8).end()
+        if s.startswith('<answer>', start):
+            return start + 8 <= len(s) - 9
+        close = s.find('</think>', close + 8)
+    return False
+
+
 def format_reward(text):
-    """0-3 (SPEC §5). Tags (1): `re.fullmatch` on the stripped response, so surrounding whitespace is
-    forgiven but any other text before <think> or after </answer> is not. Fields (0-2): only when an
-    <answer>...</answer> block exists (bare JSON is not the format); 2/3 per valid field, averaged
-    over model.parse_answer's objects (valid = a list of 4 / 2 finite numbers, a non-empty label)."""
+    """0-3 (method §5). Tags (1): the tag pattern must match the whole stripped response, so surrounding
+    whitespace is forgiven but any other text before <think> or after </answer> is not. Fields (0-2):
+    only when an <answer>...</answer> block exists (bare JSON is not the format); 2/3 per valid field,
+    averaged over the answer's items as the reference does (valid = a list of 4 / 2 finite numbers, a
+    non-empty label). Items that are not objects ({}, 7) count and earn nothing; all items count, even
+    past answer.MAX_OBJECTS."""
     if not isinstance(text, str):
         return 0.0
-    tags = 1.0 if _TAGS.fullmatch(text.strip()) else 0.0
-    objs = M.parse_answer(text) if _ANSWER.search(text) else None
-    if not objs:  # unparsable or empty answer: no field credit
+    tags = 1.0 if _tags_match(text.strip()) else 0.0
+    items = A.answer_items(text, bare_json=False)
+    if not items:  # unparsable or empty answer: no field credit
         return tags
-    n_valid = sum(o.get(k) is not None for o in objs for k in ('bbox_2d', 'point_2d', 'label'))
-    return tags + 2.0 * n_valid / (3 * len(objs))
+    n_valid = sum(v is not None for o in items if isinstance(o, dict) and o for v in A.object_fields(o).values())
+    return tags + 2.0 * n_valid / (3 * len(items))
 
 
 def non_repeat_reward(text):
-    """0/1 (SPEC §5). Sentences = pieces between '.', stripped, empties dropped. Every occurrence of
+    """0/1 (method §5). Sentences = pieces between '.', stripped, empties dropped. Every occurrence of
     a sentence already seen counts as one repeat; 2 or more repeats -> 0. So one sentence said twice
     is tolerated, said three times (2 repeats) is not, nor are two sentences each said twice."""
     seen, repeats = set(), 0
@@ -51,18 +70,25 @@ def mask_tier(iou):
     return int(t) if t.ndim == 0 else t
 
 
+def _bits(masks):
+    """(K, H, W) bool masks (numpy or torch) -> (K, ceil(H*W/8)) uint8, 8 pixels a byte."""
+    masks = np.asarray(masks.cpu() if isinstance(masks, torch.Tensor) else masks, bool)
+    return np.packbits(masks.reshape(len(masks), int(np.prod(masks.shape[1:]))), axis=1)
+
+
+def _iou_bits(a, b):
+    """Packed masks (M, P) x (N, P) -> (M, N) float64 IoU, inter / (union + 1e-6) (method §5). Counts are
+    exact popcounts of the ANDed bits: no float copy of the masks, and the AND reads 1/8 of their bytes."""
+    area_a, area_b = np.bitwise_count(a).sum(1, dtype=np.int64), np.bitwise_count(b).sum(1, dtype=np.int64)
+    inter = np.zeros((len(a), len(b)), np.int64)
+    for j, g in enumerate(b):
+        inter[:, j] = np.bitwise_count(a & g).sum(1, dtype=np.int64)
+    return inter / (area_a[:, None] + area_b[None] - inter + 1e-6)
+
+
 def mask_iou_matrix(a, b):
-    """(M,H,W) x (N,H,W) bool -> (M,N) float64 numpy, inter / (union + 1e-6), one matmul in torch.
-    fp32 sums of 0/1 are exact below 2^24 pixels; the division is done in fp64 so that an IoU
-    exactly on a tier edge (e.g. 30/100) is not pushed over it by fp32 rounding."""
-    a = torch.as_tensor(a)
-    b = torch.as_tensor(b, device=a.device)
-    hw = a.shape[-2] * a.shape[-1]
-    dt = torch.float32 if hw < 2 ** 24 else torch.float64
-    fa, fb = a.reshape(len(a), hw).to(dt), b.reshape(len(b), hw).to(dt)  # (M, HW), (N, HW)
-    inter = (fa @ fb.T).double()                                          # (M, N)
-    union = fa.sum(1).double()[:, None] + fb.sum(1).double()[None] - inter
-    return (inter / (union + 1e-6)).cpu().numpy()
+    """(M,H,W) x (N,H,W) bool -> (M,N) float64 numpy, inter / (union + 1e-6)."""
+    return _iou_bits(_bits(a), _bits(b))
 
 
 def box_iou_matrix(a, b):
@@ -77,7 +103,7 @@ def box_iou_matrix(a, b):
 
 
 def stage1_pair_scores(tiers, pred_boxes, pred_points, gt_boxes, gt_points):
-    """(M,N) per-pair totals 0-8 (SPEC §5): mask tier + [box IoU > 0.5] + [mean |Δ box| < 10 px]
+    """(M,N) per-pair totals 0-8 (method §5): mask tier + [box IoU > 0.5] + [mean |Δ box| < 10 px]
     + [point within 30 px of the GT point AND inside its own predicted box]. Missing predicted
     boxes/points are NaN rows: every test on NaN is False, so they earn nothing."""
     pb, pp = np.asarray(pred_boxes, float).reshape(-1, 4), np.asarray(pred_points, float).reshape(-1, 2)
@@ -97,7 +123,7 @@ def best_matching(score, best):
 
 
 def stage1_accuracy(tiers, pred_boxes, pred_points, gt_boxes, gt_points):
-    """0-9 (SPEC §5): Σ matched pair totals / max(M,N) + 1 if M == N. Returns (accuracy, matched
+    """0-9 (method §5): Σ matched pair totals / max(M,N) + 1 if M == N. Returns (accuracy, matched
     tier mean), the latter Σ matched tiers / max(M,N) (missing/extra objects count as tier 0)."""
     tiers = np.asarray(tiers).reshape(len(pred_boxes), len(gt_boxes))
     m, n = tiers.shape
@@ -109,7 +135,7 @@ def stage1_accuracy(tiers, pred_boxes, pred_points, gt_boxes, gt_points):
 
 
 def stage2_accuracy(tiers):
-    """0-10 (SPEC §5): 2 × Σ matched tiers / max(M,N), Hungarian on 5 - tier. Returns (accuracy,
+    """0-10 (method §5): 2 × Σ matched tiers / max(M,N), Hungarian on 5 - tier. Returns (accuracy,
     matched tier mean) as stage1_accuracy does; empty vs empty is (10, 5), other empties (0, 0)."""
     tiers = np.asarray(tiers)
     m, n = tiers.shape
@@ -128,7 +154,7 @@ def _score(text, objects, ious, sample, stage):
         tiers = mask_tier(np.asarray(ious).reshape(len(objects), len(sample.masks)))
         if stage == 1:
             if len(sample.masks) and (sample.boxes is None or sample.points is None):
-                raise ValueError('stage-1 reward needs GT boxes and points (SPEC §5)')
+                raise ValueError('stage-1 reward needs GT boxes and points (method §5)')
             gb = sample.boxes if len(sample.masks) else np.zeros((0, 4))
             gp = sample.points if len(sample.masks) else np.zeros((0, 2))
             pb = [_NAN4 if o.get('bbox_2d') is None else o['bbox_2d'] for o in objects]
@@ -145,25 +171,34 @@ def _score(text, objects, ious, sample, stage):
 
 def reward(text, sample, masks, stage, objects=None):
     """One response -> (total, components). masks (K,H,W): the predicted mask of each object, aligned
-    with `objects` (the parsed objects in original px; default model.parse_answer(text) as is)."""
+    with `objects` (the parsed objects in original px; default answer.parse_answer(text) as is)."""
     if objects is None:
-        objects = M.parse_answer(text)
+        objects = A.parse_answer(text)
     if objects is not None and len(masks) != len(objects):
         raise ValueError(f'{len(masks)} masks for {len(objects)} objects')
     ious = None if objects is None else mask_iou_matrix(masks, sample.masks)
     return _score(text, objects, ious, sample, stage)
 
 
-def score_group(texts, sample, segmenter, stage, input_wh, coord_mode='pixel', key=None):
-    """The G rollouts of one prompt -> [(total, components)]. Every object of every rollout goes
-    through ONE segmenter call (pipeline.segment_answers: image encoded once, cached by `key`); the
-    GT masks are flattened once in one IoU matmul against all predicted masks (SPEC §4)."""
-    import pipeline  # the inference path: parse, map to the original image, segment
-    answers = pipeline.segment_answers(segmenter, sample, texts, input_wh, coord_mode, key=key)
-    masks = np.concatenate([m for _, m, _ in answers]) if answers else np.zeros((0, *sample.image.shape[:2]), bool)
-    ious = mask_iou_matrix(masks, sample.masks)                        # (Σ M, N)
-    out, start = [], 0
-    for text, (objs, m, _) in zip(texts, answers):
-        out.append(_score(text, objs, ious[start:start + len(m)], sample, stage))
-        start += len(m)
+def score_group(texts, sample, segmenter, stage, input_wh, coord_mode='pixel', key=None, chunk=None):
+    """The G rollouts of one prompt -> [(total, components)]. The image is encoded once (cached under
+    `key`, default the sample's id); the objects of all rollouts are segmented `chunk` at a time
+    (default: MASK_BUDGET bytes of masks), each chunk's masks packed to bits and compared with the GT
+    at once, then dropped: memory stays bounded for G = 256 on large images. Chunks may split a
+    rollout's objects; the result does not depend on `chunk`."""
+    H, W = sample.image.shape[:2]
+    answers = A.place_answers(texts, (W, H), input_wh, coord_mode)
+    flat = [o for objs in answers for o in objs or []]
+    chunk = chunk or max(1, MASK_BUDGET // (H * W))
+    key = sample.id if key is None else key
+    gt = _bits(sample.masks)
+    ious = [np.zeros((0, len(gt)))]
+    for i in range(0, len(flat), chunk):
+        masks, _ = S.segment(segmenter, sample.image, flat[i:i + chunk], key=key)  # (c, H, W) bool
+        ious.append(_iou_bits(_bits(masks), gt))                                   # (c, N)
+    ious, out, start = np.concatenate(ious), [], 0
+    for text, objs in zip(texts, answers):
+        m = len(objs or [])
+        out.append(_score(text, objs, ious[start:start + m], sample, stage))
+        start += m
     return out

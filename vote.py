@@ -1,5 +1,5 @@
 """vote.py: mask-level majority voting over N sampled answers to one query, the parallel
-test-time scaling of StAR (SPEC §10).
+test-time scaling of StAR (method §10).
 
 Each sample is None (unparsable: abstains), [] (a "no object" vote), or a list of
 (mask (H, W) bool tensor/array, SAM score, label) per predicted object. All pairwise mask IoUs come
@@ -49,8 +49,8 @@ def _cpu_gram(flat):
 
 def pairwise_iou(masks):
     """P masks (H, W) bool, one device -> ((P, P) float64 IoU, (P,) int64 areas).
-    IoU = inter / (union + 1e-6) as in the rewards (SPEC §5); float64 so that the 0.85 threshold
-    is decided exactly as a numpy reference would decide it."""
+    IoU = inter / union exactly (method §10.4: no epsilon, so 17/20 pixels is 0.85 and joins; two empty
+    masks have IoU 0); one correctly rounded float64 division of exact counts, as Python's would be."""
     flat = [m.reshape(-1) for m in masks]
     if flat[0].device.type == 'cpu':
         inter = _cpu_gram(flat)
@@ -59,11 +59,11 @@ def pairwise_iou(masks):
         inter = (f @ f.T).round().long()  # (P, P)
     area = inter.diagonal()  # (P,)
     union = area[:, None] + area[None, :] - inter  # (P, P)
-    return inter.double() / (union.double() + 1e-6), area
+    return torch.where(union > 0, inter.double() / union.clamp(min=1).double(), 0.0), area
 
 
 def _cluster(iou, thr):
-    """Greedy first-member clustering (SPEC §10.4) on a precomputed (P, P) IoU table (lists):
+    """Greedy first-member clustering (method §10.4) on a precomputed (P, P) IoU table (lists):
     object p joins the first cluster whose FIRST member overlaps it by >= thr, else opens one."""
     clusters = []  # lists of object indices; clusters[c][0] is the representative
     for p in range(len(iou)):
@@ -86,7 +86,7 @@ def _most_common(xs):
 
 def majority_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0.2, agg='best',
                   pixel_thresh=0.5, shape=None):
-    """Vote N samples of one query into one mask (SPEC §10).
+    """Vote N samples of one query into one mask (method §10).
 
     Returns (mask, clusters, reason):
       mask: (H, W) bool tensor on the masks' device; all False for "no object". When no sample
@@ -139,19 +139,21 @@ def majority_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0.
 
 
 def _aggregate(masks, scores, areas, agg, pixel_thresh):
-    """One cluster -> one (H, W) bool mask (SPEC §10.6)."""
+    """One cluster -> one (H, W) bool mask (method §10.6)."""
     if agg == 'best':  # highest score, then largest area; max() keeps the first on full ties
         return masks[max(range(len(masks)), key=lambda k: (scores[k], areas[k]))]
-    # Score-weighted pixel average, in float64 and member order (SAM scores are IoU estimates and
-    # can be ~0 or slightly negative: fall back to equal weights when they do not sum to > 0).
-    # Outside the members' bounding box the average is 0 (< pixel_thresh): only the box is summed.
-    w = scores if sum(scores) > 0 else [1.0] * len(scores)
+    # Score-weighted pixel average, in float64 and member order. SAM scores are IoU estimates and can
+    # be ~0 or negative: equal weights only when every score is <= 0 (method §10.6, as the reference;
+    # mixed signs keep their weights, and scores summing to exactly 0 select no pixel, as the
+    # reference's NaN average does). Outside the members' bounding box the average is 0: only the box
+    # is summed.
+    w = scores if any(s > 0 for s in scores) else [1.0] * len(scores)
     union = torch.zeros_like(masks[0])
     for m in masks:
         union |= m
     ys, xs = union.any(1).nonzero()[:, 0], union.any(0).nonzero()[:, 0]
     out = torch.zeros_like(union)
-    if len(ys) == 0:
+    if len(ys) == 0 or sum(w) == 0:
         return out
     box = slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
     acc = torch.zeros(union[box].shape, dtype=torch.float64, device=union.device)

@@ -3,7 +3,7 @@
 identical mask on many random sample sets. bench.py may import reference_vote / random_samples.
 Run: python -m pytest -q tests/test_vote.py
 """
-import random
+import json, random
 from collections import Counter
 
 import numpy as np
@@ -14,8 +14,9 @@ import vote
 from vote import majority_vote, pairwise_iou
 
 
-def np_iou(a, b):
-    return np.logical_and(a, b).sum() / (np.logical_or(a, b).sum() + 1e-6)
+def np_iou(a, b):  # exact, no epsilon (method §10.4); two empty masks: 0
+    union = np.logical_or(a, b).sum()
+    return np.logical_and(a, b).sum() / union if union else 0.0
 
 
 def reference_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0.2,
@@ -48,11 +49,10 @@ def reference_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0
         if agg == 'best':
             out |= sorted(c, key=lambda o: (-o[3], -o[2].sum()))[0][2]
         else:
-            w = [o[3] for o in c] if sum(o[3] for o in c) > 0 else [1.0] * len(c)
-            acc = np.zeros(shape)
-            for o, wk in zip(c, w):
-                acc += o[2] * wk
-            out |= acc / sum(w) >= pixel_thresh
+            w = np.array([o[3] for o in c]) if any(o[3] > 0 for o in c) else np.ones(len(c))
+            with np.errstate(all='ignore'):  # scores summing to 0: NaN weights, no pixel
+                w = w / w.sum()
+            out |= np.tensordot(w, np.array([o[2] for o in c], float), 1) >= pixel_thresh
     return out, [([o[:2] for o in c], votes[k], k in top) for k, c in enumerate(clusters)]
 
 
@@ -188,10 +188,14 @@ def test_greedy_clustering_compares_first_member_only():
     # IoU(m0, m1) = .89, IoU(m1, m2) = .89, IoU(m0, m2) = .79: m2 opens its own cluster
     _, clusters, _ = majority_vote([[(m0, .9, 'a')], [(m1, .9, 'a')], [(m2, .9, 'a')]])
     assert [c['members'] for c in clusters] == [[(0, 0), (1, 0)], [(2, 0)]]
-    # IoU 17/20 is 0.85 less the 1e-6 of the formula: below the threshold (fp32 would round it up)
+    # IoU 17/20 = 0.85 exactly (no epsilon): joins; 16/19 = 0.842 does not
     s = [[(rect(1, 100, 0, 0, 1, 17), .9, 'a')], [(rect(1, 100, 0, 0, 1, 20), .9, 'a')]]
-    _, clusters, _ = majority_vote(s)
-    assert len(clusters) == 2
+    assert [c['members'] for c in majority_vote(s)[1]] == [[(0, 0), (1, 0)]]
+    s = [[(rect(1, 100, 0, 0, 1, 16), .9, 'a')], [(rect(1, 100, 0, 0, 1, 19), .9, 'a')]]
+    assert len(majority_vote(s)[1]) == 2
+    # two empty masks never cluster together (IoU 0, not NaN)
+    e = torch.zeros(1, 100, dtype=torch.bool)
+    assert len(majority_vote([[(e, .9, 'a')], [(e, .9, 'a')]], vote_ratio=0)[1]) == 2
 
 
 @pytest.mark.parametrize('agg', ['best', 'consensus'])
@@ -205,3 +209,55 @@ def test_matches_loop_reference_on_random_sets(agg):
         ref, ref_clusters = reference_vote(s, **kw)
         assert np.array_equal(mask.numpy(), ref)
         assert [(c['members'], c['votes'], c['kept']) for c in clusters] == ref_clusters
+
+
+def test_consensus_weights_equal_only_when_every_score_is_nonpositive():
+    m1, m2, m3 = rect(1, 40, 0, 0, 1, 21), rect(1, 40, 0, 1, 1, 22), rect(1, 40, 0, 1, 1, 21)
+    # IoU(m1, m2) = 20/22, one cluster. Scores .2 and -.3 sum to -.1 but one is > 0: the weights stay
+    # the scores, normalised to -2 and 3: col 0 (m1 only) -2, cols 1-20 (both) 1, col 21 (m2 only) 3
+    # -> cols 1-21. (Equal weights would give .5 at cols 0 and 21: cols 0-21.)
+    mask = majority_vote([[(m1, .2, 'a')], [(m2, -.3, 'a')]], agg='consensus')[0]
+    assert torch.equal(mask, m2)
+    # every score <= 0: equal weights, 1/3 at cols 0 and 21, 3/3 at cols 1-20 -> m3
+    # (the scores as weights, .714 at col 21, would add col 21)
+    s = [[(m1, 0., 'a')], [(m2, -.5, 'a')], [(m3, -.2, 'a')]]
+    assert torch.equal(majority_vote(s, agg='consensus')[0], m3)
+    # scores summing to exactly 0 with one > 0: the reference's weights are NaN, no pixel is selected
+    assert not majority_vote([[(m1, .5, 'a')], [(m2, -.5, 'a')]], agg='consensus')[0].any()
+
+
+def votes_from_texts(texts, sample, size):
+    """Texts -> majority_vote samples, the way eval.score_query builds them (method §10.1)."""
+    import pipeline, segment
+    answers = pipeline.segment_answers(segment.ColorSegmenter(), sample, texts, size, 'pixel')
+    return [None if o is None else [(m, s, x['label'] or '') for x, m, s in zip(o, ms, ss)]
+            for o, ms, ss in answers]
+
+
+def blank_sample(h=100, w=100):
+    import data
+    return data.Sample(id='v', image=np.zeros((h, w, 3), np.uint8), query='q', masks=np.zeros((0, h, w), bool))
+
+
+def test_items_without_box_or_point_vote_no_object():
+    obj = '{"label": "a", "bbox_2d": [10, 10, 29, 29], "point_2d": [20, 20]}'
+    texts = ['<answer>[{}]</answer>', '<answer>{}</answer>', f'<answer>[{obj}]</answer>']
+    votes = votes_from_texts(texts, blank_sample(), 100)
+    assert votes[:2] == [[], []] and len(votes[2]) == 1
+    mask, clusters, reason = majority_vote(votes)  # 2 of 3 valid samples say "no object"
+    assert not mask.any() and clusters == [] and reason == 'no-object majority (2/3 valid samples)'
+    # a {} beside a real object is no object of its own: one object, K = 1
+    votes = votes_from_texts([f'<answer>[{obj}, {{}}]</answer>'] * 2, blank_sample(), 100)
+    assert [len(v) for v in votes] == [1, 1] and majority_vote(votes)[0].sum() == 400
+
+
+def test_vote_uses_the_first_120_objects():
+    # 125 distinct 4x4 squares on a blank image (the colour segmenter returns each whole box)
+    squares = [{'label': 's', 'bbox_2d': [k % 12 * 8, k // 12 * 8, k % 12 * 8 + 3, k // 12 * 8 + 3],
+                'point_2d': [k % 12 * 8 + 1, k // 12 * 8 + 1]} for k in range(125)]
+    text = f'<answer>{json.dumps(squares)}</answer>'
+    votes = votes_from_texts([text, text], blank_sample(), 100)
+    assert [len(v) for v in votes] == [120, 120]
+    mask, clusters, reason = majority_vote(votes)  # K = 120 clusters of 2 votes: 120 * 16 pixels
+    assert mask.sum() == 1920 and len(clusters) == 120 and all(c['kept'] for c in clusters)
+    assert not mask[80:84, 32:36].any()  # square 124 is past the cap
