@@ -176,50 +176,51 @@ def read_log(path):
 
 
 def _stage_name(path, recs):
-    m = re.search(r'stage\s*(\d)', os.path.basename(os.path.dirname(os.path.abspath(path))))
-    stage = recs[0].get('stage') if recs and 'stage' in recs[0] else (m.group(1) if m else None)
-    return f'stage {stage}' if stage is not None else os.path.basename(os.path.dirname(os.path.abspath(path)))
+    """'stage N' from the records' 'stage' key, else the log's folder name (runs/stage2/log.jsonl)."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    m = re.search(r'stage\s*(\d)', folder)
+    stage = recs[0].get('stage', m.group(1) if m else None)
+    return f'stage {stage}' if stage is not None else folder
 
 
-def _smooth(y, window):
-    if window < 2 or len(y) < window:
-        return y
-    k = np.ones(window) / window
-    core = np.convolve(y, k, mode='valid')  # centred moving average, edges padded by the raw values
-    pad = window // 2
-    return np.concatenate([y[:pad], core, y[pad + len(core):]])
+def _smooth(y, half):
+    """Centred moving average over 2 * half + 1 steps, on fewer at the ends (no edge artefacts)."""
+    c = np.concatenate([[0.0], np.cumsum(y)])
+    lo, hi = np.maximum(np.arange(len(y)) - half, 0), np.minimum(np.arange(len(y)) + half + 1, len(y))
+    return (c[hi] - c[lo]) / (hi - lo)
 
 
 def plot_training_curves(log_jsonl_path, out_png):
-    """A training log (or a list of them, one per stage) -> PNG with one panel per quantity found:
-    reward, accuracy, held-out gIoU (the steps that have it), response length, and loss where a
-    stage has no reward (stage 0). Noisy per-step series are drawn faint with a moving average on top.
-    Returns the Figure, or None when no log holds a record."""
+    """A training log (or a list of them, one per stage) -> PNG, one row per stage, one panel per
+    quantity the stage logs: reward, accuracy, held-out gIoU (at the steps that have it), response
+    length; loss only for a stage without reward (stage 0's language loss). Per-step series are drawn
+    faint, with a moving average on top. Returns the Figure, or None when no log holds a record."""
     from matplotlib.figure import Figure
     paths = [log_jsonl_path] if isinstance(log_jsonl_path, (str, os.PathLike)) else list(log_jsonl_path)
     stages = [(_stage_name(p, recs), recs) for p in paths if os.path.isfile(p) for recs in [read_log(p)] if recs]
-    if not stages:
+    rows = [(name, recs, [(k, t) for k, t in CURVES if any(isinstance(r.get(k), (int, float)) for r in recs)
+                          and (k != 'loss' or not any('reward' in r for r in recs))]) for name, recs in stages]
+    rows = [row for row in rows if row[2]]
+    if not rows:
         return None
-    keys = [(k, t) for k, t in CURVES if any(k in r for _, recs in stages for r in recs)
-            and (k != 'loss' or any('reward' not in recs[0] for _, recs in stages))]
-    fig = Figure(figsize=(4.2 * len(keys), 3.6), dpi=DPI)
-    axes = fig.subplots(1, len(keys), squeeze=False)[0]
-    for ax, (key, title) in zip(axes, keys):
-        for k, (name, recs) in enumerate(stages):
-            if key == 'loss' and 'reward' in recs[0]:
-                continue  # the RL surrogate loss says little; stage 0's language loss does
-            pts = np.array([(r['step'], r[key]) for r in recs if isinstance(r.get(key), (int, float))], float)
-            if not len(pts):
+    cols = max(len(keys) for _, _, keys in rows)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * len(rows)), dpi=DPI)
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    for row, (name, recs, keys) in enumerate(rows):
+        color = f'C{name[-1]}' if name[-1].isdigit() else f'C{row}'  # one colour per stage in every figure
+        for col, ax in enumerate(axes[row]):
+            if col >= len(keys):
+                ax.set_visible(False)
                 continue
-            color = f'C{k}'
+            key, title = keys[col]
+            pts = np.array([(r['step'], r[key]) for r in recs if isinstance(r.get(key), (int, float))], float)
             if key == 'val_giou':
                 ax.plot(pts[:, 0], pts[:, 1], marker='o', ms=4, color=color, label=name)
-                continue
-            ax.plot(pts[:, 0], pts[:, 1], color=color, alpha=0.25, lw=0.8)
-            ax.plot(pts[:, 0], _smooth(pts[:, 1], max(1, len(pts) // 15)), color=color, lw=1.8, label=name)
-        ax.set(title=title, xlabel='step')
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            else:
+                ax.plot(pts[:, 0], pts[:, 1], color=color, alpha=0.25, lw=0.8)
+                ax.plot(pts[:, 0], _smooth(pts[:, 1], len(pts) // 20), color=color, lw=1.8, label=name)
+            ax.set(title=f'{name}: {title}', xlabel='step')
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png)
     return fig
