@@ -122,7 +122,8 @@ def probe(argv, monkeypatch, model_may_load=False):
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    return M.build_tiny_policy(str(tmp_path_factory.mktemp('tiny')), words=world.vocabulary(), prompt='find: {question}')
+    return M.build_tiny_policy(str(tmp_path_factory.mktemp('tiny')), words=world.vocabulary(),
+                               prompt='find: {question}')
 
 
 @pytest.fixture(scope='module')
@@ -138,7 +139,8 @@ def adapters(tiny, tmp_path_factory):
     open(d / 'garbled.safetensors', 'wb').write(b'\x07' * 64 + raw[64:])
     from safetensors.torch import save_file
     state, meta = lora.read_lora(good)  # rank 2 tensors whose metadata says rank 3
-    save_file(state, str(d / 'mismatch.safetensors'), metadata={**{k: json.dumps(v) for k, v in meta.items()}, 'r': '3'})
+    save_file(state, str(d / 'mismatch.safetensors'),
+              metadata={**{k: json.dumps(v) for k, v in meta.items()}, 'r': '3'})
     next(m for _, m in lora.lora_modules(net)).lora_B.data.fill_(float('nan'))
     lora.save_lora(net, str(d / 'nan.safetensors'), dict(base=tiny))
     return {k: str(d / f'{k}.safetensors') for k in ('good', 'truncated', 'garbled', 'nan', 'mismatch')}
@@ -235,7 +237,8 @@ def run(args, procs=1):
 
 
 def common(tiny, out, n=6):
-    return ['--model', tiny, '--image-size', '112', '--limit', n, '--batch', '2', '--max-new-tokens', '30', '--out', out]
+    return ['--model', tiny, '--image-size', '112', '--limit', n, '--batch', '2', '--max-new-tokens', '30',
+            '--out', out]
 
 
 def test_end_to_end_greedy_vote_compare_and_two_processes(tiny, tmp_path):

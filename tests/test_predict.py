@@ -120,7 +120,8 @@ def test_training_curves_plot_every_stage_and_keep_the_last_record_per_step(tmp_
     fig = vis.plot_training_curves(logs, tmp_path / 'curves.png')
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
     assert titles == ['stage 0: held-out gIoU (greedy)', 'stage 0: loss', 'stage 2: reward (mean over rollouts)',
-                      'stage 2: accuracy reward', 'stage 2: held-out gIoU (greedy)', 'stage 2: response length (tokens)']
+                      'stage 2: accuracy reward', 'stage 2: held-out gIoU (greedy)',
+                      'stage 2: response length (tokens)']
     val0, reward2 = fig.axes[0], fig.axes[4]  # row 0 has 4 panels, two of them hidden
     assert list(val0.lines[0].get_xdata()) == [2, 4] and list(val0.lines[0].get_ydata()) == pytest.approx([0.2, 0.4])
     raw = reward2.lines[0]  # stage 2's per-step rewards: one per step, the resumed values
