@@ -99,35 +99,50 @@ def combine(answers, n, agg='best', shape=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog='Without --model: sandbox/stage0 with the newest runs/stage2 or runs/stage1 '
-                                       'adapter and the colour segmenter (suits flat-coloured images only).')
-    p.add_argument('--image', required=True, help='an image file (any size; EXIF orientation applied)')
-    p.add_argument('--query', required=True, help='what to find, e.g. "something that could be a wheel"')
-    p.add_argument('--vote', type=int, default=1, help='samples: 1 = greedy, N > 1 = mask voting (default: 1)')
-    p.add_argument('--out', default='runs/predict', help='output folder (default: runs/predict)')
-    p.add_argument('--seed', type=int, default=0, help='sampling seed under --vote (default: 0)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+    p = argparse.ArgumentParser(description=__doc__.split('Writes')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group('common')
+    g.add_argument('--image', required=True, metavar='PATH', help='an image file (any size; EXIF orientation applied)')
+    g.add_argument('--query', required=True, metavar='TEXT', help='what to find, e.g. "something to sit on"')
+    g.add_argument('--vote', type=int, default=1, metavar='N', help='samples: 1 = greedy, N > 1 = mask voting '
+                   '(T = 1, top-p 0.9) (default: 1)')
+    g.add_argument('--adapter', metavar='FILE', help='LoRA file (default without --model: newest runs/stage{2,1})')
+    g.add_argument('--out', default='runs/predict', metavar='DIR', help='output folder (default: runs/predict)')
+    g.add_argument('--seed', type=int, default=0, metavar='S', help='sampling seed under --vote (default: 0)')
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', metavar='DEV',
                    help='torch device (default: cuda if there is one, else cpu)')
-    g = p.add_argument_group('paper scale: a real checkpoint')
-    g.add_argument('--model', help='local Qwen2/2.5/3-VL checkpoint dir (default: the sandbox base)')
-    g.add_argument('--adapter', help='LoRA file from train.py (default without --model: newest runs/stage{2,1})')
-    g.add_argument('--sam', help='segment-anything checkpoint file (default: the colour segmenter)')
-    g.add_argument('--sam-type', default='vit_h', choices=['vit_b', 'vit_l', 'vit_h'], help='SAM size (default: vit_h)')
-    g.add_argument('--max-new-tokens', type=int, help=f'longest response (default: 2048, sandbox {SANDBOX_NEW_TOKENS})')
+    r = p.add_argument_group('paper scale: a real checkpoint and SAM')
+    r.add_argument('--model', metavar='DIR', help='local Qwen2/2.5/3-VL checkpoint dir (default: sandbox/stage0)')
+    r.add_argument('--sam', metavar='FILE', help='segment-anything checkpoint file (default: the colour segmenter)')
+    r.add_argument('--sam-type', default='vit_h', choices=['vit_b', 'vit_l', 'vit_h'], help='SAM size (default: vit_h)')
+    r.add_argument('--image-size', type=int, metavar='PX', help='model input side (default: adapter meta, else 840 '
+                   'or what the processor keeps)')
+    r.add_argument('--coord-mode', choices=['pixel', 'grid1000', 'unit', 'auto'], help='answer coordinates '
+                   '(default: adapter meta, else by model type)')
+    r.add_argument('--prompt-file', metavar='FILE', help='prompt template with {question} (default: the base\'s, '
+                   'else ours)')
+    r.add_argument('--max-new-tokens', type=int, metavar='T', help=f'longest response (default: 2048; sandbox '
+                   f'{SANDBOX_NEW_TOKENS})')
+    s = p.add_argument_group('sandbox (no --model): sandbox/stage0 + the newest runs/stage{2,1} adapter, colour '
+                             'segmenter (flat-coloured images)')
+    s.add_argument('--threads', type=int, metavar='K', help=f'CPU threads (default: {SANDBOX_THREADS} in the sandbox)')
     args = p.parse_args()
-    if args.vote < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
-        fail('predict', f'--vote {args.vote} / --max-new-tokens {args.max_new_tokens}: must be >= 1')
+    for flag, value in [('--vote', args.vote), ('--max-new-tokens', args.max_new_tokens),
+                        ('--image-size', args.image_size), ('--threads', args.threads)]:
+        if value is not None and value < 1:
+            fail('predict', f'{flag} {value}: must be >= 1')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail('predict', f'--out {args.out}: is a file, not a folder')
+    for flag, path in [('--sam', args.sam), ('--prompt-file', args.prompt_file)]:
+        if path is not None and not os.path.isfile(path):
+            fail('predict', f'{flag} {path}: no such file')
     try:  # read the image before loading any model
         image = np.asarray(ImageOps.exif_transpose(Image.open(args.image)).convert('RGB'))
     except Exception as e:  # noqa: BLE001
         fail('predict', f'--image {args.image}: unreadable ({type(e).__name__}: {e})')
     base, adapter, meta = resolve(args.model, args.adapter, 'predict')
-    pol = load('predict', base, adapter, meta, args.device, sam=args.sam, sam_type=args.sam_type,
-               sandbox=args.model is None)
+    pol = load('predict', base, adapter, meta, args.device, args.image_size, args.coord_mode, args.prompt_file,
+               args.sam, args.sam_type, args.threads, sandbox=args.model is None)
     H, W = image.shape[:2]
     sample = data.Sample(id=args.image, image=image, query=args.query, masks=np.zeros((0, H, W), bool))
     torch.manual_seed(args.seed)

@@ -183,6 +183,8 @@ def test_bad_model_adapter_and_data_are_one_line(tiny, adapters, tmp_path, monke
     # an adapter that does not fit once the model is there: the load error is one line too
     msg = probe(['--model', tiny, '--adapter', adapters['mismatch']] + out, monkeypatch, model_may_load=True)
     assert msg.startswith(f'[eval] error: cannot load {tiny} with {adapters["mismatch"]}') and 'rank' in msg
+    msg = probe(['--model', tiny, '--image-size', 13] + out, monkeypatch, model_may_load=True)  # needs the processor
+    assert '--image-size 13: must be a multiple of 28' in msg
 
 
 def test_compare_refuses_other_queries_before_generating(tiny, tmp_path, monkeypatch):
