@@ -104,6 +104,7 @@ def overlay(path, image, layers, query, think='', gt=None, ignore=None, iou=None
     kept = [lay for lay in layers if lay['kept']]
     head = textwrap.wrap(f'query: "{query}"', 100)[:2]
     key = KEY if gt is not None else KEY.rsplit(' · ', 1)[0]  # no ground truth in predict.py
+    key += ' · grey = ignored pixels' if ignore is not None and ignore.any() else ''
     foot = textwrap.wrap(f'think: {shorten(think, 220)}', 120)[:2] + textwrap.wrap(note, 120)[:2] + [key]
     fig, axes = _figure(2 if gt is None else 3, H / W, len(head) + len(foot))
     shown = [(img, f'image ({W}×{H})')]
