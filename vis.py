@@ -66,7 +66,7 @@ def _draw_answer(ax, layers, shape):
         x1, y1, x2 = (lay['box'][:3]) if lay['box'] is not None else (*(lay['point'] or (0, 0)), None)
         right = x1 > W / 2  # labels on the right half end at the box's right edge, inside the panel
         x, y = (x2 if right and x2 is not None else x1), max(y1 - 0.02 * H, 0.06 * H)
-        width = len(text) * 5.6 / (PANEL_INCHES * DPI) * W  # fontsize 9: about 5.6 px a character
+        width = len(text) * 6.8 / (PANEL_INCHES * DPI) * W  # fontsize 9: about 6.8 px a character
         span = (x - width, x) if right else (x, x + width)
         while any(abs(y - py) < 0.065 * H and span[0] < b and a < span[1] for (a, b), py in placed):
             y += 0.07 * H  # below the label already there
