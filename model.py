@@ -103,19 +103,6 @@ def load_policy(path, dtype=None, device='cpu', adapter=None):
     return model, processor
 
 
-def init_distributed(device):
-    """Under torchrun: join the process group (nccl on GPU, gloo on CPU) and take this rank's GPU.
-    -> (ddp, rank, world_size, device); outside torchrun (False, 0, 1, device)."""
-    if 'RANK' not in os.environ:
-        return False, 0, 1, device
-    import torch.distributed as dist
-    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    if torch.cuda.is_available():
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
-
-
 def default_coord_mode(model):
     return 'auto' if 'qwen3' in model.config.model_type else 'pixel'
 

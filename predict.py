@@ -1,0 +1,165 @@
+"""predict.py: one image and one query through StAR: the think, the JSON answer, an overlay and the
+mask (method §1-4; --vote N: mask voting over N samples, method §10).
+
+  python predict.py --image photo.jpg --query "something that could be a wheel"   # sandbox model
+  python predict.py --image photo.jpg --query "where can I sit" --model Qwen2.5-VL-7B \\
+      --adapter runs/stage2/last/adapter.safetensors --sam sam_vit_h.pth --sam-type vit_h --vote 8
+Writes <out>/<image name>.png (image | prediction: masks, boxes, points, labels; the query as title)
+and <out>/<image name>_mask.png. Also holds what eval.py shares: resolve() (which base and adapter),
+load() (policy, segmenter, prompt, input size, coordinates) and combine() (answers -> one mask).
+Tested by: python -m pytest tests/test_predict.py
+"""
+import argparse, json, os, sys
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+import checkpoint, data, lora, pipeline, vis, vote
+import model as M
+import segment as S
+
+SANDBOX_BASE, SANDBOX_THREADS, SANDBOX_NEW_TOKENS = 'sandbox/stage0', 1, 160
+
+
+def fail(tool, msg):
+    sys.exit(f'[{tool}] error: {msg}')
+
+
+def resolve(model, adapter, tool='eval'):
+    """Which base and adapter to run, checked before anything loads -> (base, adapter, its metadata).
+    Without --model (the sandbox): the newest runs/stage2, else runs/stage1 adapter (else none), on
+    the base its metadata names, else sandbox/stage0."""
+    if model is None and adapter is None:
+        for k in (2, 1):
+            path = f'runs/stage{k}/last/adapter.safetensors'
+            if checkpoint.recover(f'runs/stage{k}/last') and os.path.isfile(path):  # repairs a half-saved one
+                adapter = path
+                break
+            if os.path.isdir(f'runs/stage{k}'):
+                print(f'[{tool}] note: runs/stage{k} has no last/adapter.safetensors (stage not finished?)')
+    meta = {}
+    if adapter is not None:
+        if not os.path.isfile(adapter):
+            fail(tool, f'--adapter {adapter}: no such file')
+        try:  # refuses a truncated or garbled file and NaN/inf tensors
+            meta = lora.read_lora(adapter)[1]
+        except ValueError as e:
+            fail(tool, f'--adapter: {e}')
+    base = model or meta.get('base') or SANDBOX_BASE
+    if not os.path.isfile(os.path.join(base, 'config.json')):
+        fail(tool, f'--model {base}: not a checkpoint directory (no config.json)' if model else
+             f'no sandbox base at {base}: run `python train.py --stage 0` first, or pass --model DIR')
+    return base, adapter, meta
+
+
+def load(tool, base, adapter, meta, device, image_size=None, coord_mode=None, prompt_file=None, sam=None,
+         sam_type='vit_h', threads=None, sandbox=True):
+    """-> dict(net, proc, seg, template, image_size, coord_mode). Input side and coordinate mode come
+    from the flags, else the adapter's metadata, else the processor / model type. In the sandbox the
+    CPU thread count is fixed (SANDBOX_THREADS unless `threads`): same command, same numbers, and two
+    jobs on two cores do not slow each other down tenfold."""
+    if threads or (sandbox and str(device) == 'cpu'):
+        torch.set_num_threads(threads or SANDBOX_THREADS)
+    try:
+        net, proc = M.load_policy(base, device=device, adapter=adapter)
+    except Exception as e:  # noqa: BLE001 - a bad checkpoint / adapter becomes one line
+        fail(tool, f'cannot load {base}' + (f' with {adapter}' if adapter else '') + f': {type(e).__name__}: {e}')
+    size = image_size or meta.get('image_size') or M.default_image_size(proc)
+    unit = getattr(proc.image_processor, 'patch_size', 14) * getattr(proc.image_processor, 'merge_size', 2)
+    if size % unit:
+        fail(tool, f'--image-size {size}: must be a multiple of {unit} (one visual token) for this model')
+    try:
+        template = M.load_template(prompt_file or 'eval', base)
+        seg = S.load_sam(sam, sam_type, device) if sam else S.ColorSegmenter()
+    except Exception as e:  # noqa: BLE001
+        fail(tool, str(e))
+    return dict(net=net, proc=proc, seg=seg, template=template, image_size=size,
+                coord_mode=coord_mode or meta.get('coord_mode') or M.default_coord_mode(net))
+
+
+def combine(answers, n, agg='best', shape=None):
+    """The segmented answers of one query (pipeline.segment_answers) -> (mask (H, W) bool, layers
+    to draw (vis.layer), vote clusters, reason). One answer alone is greedy: the union of its objects;
+    otherwise the first n vote (method §10; unparsable abstains, [] votes "no object")."""
+    if len(answers) == 1:
+        objs, masks, _ = answers[0]
+        pred = masks.any(0) if len(masks) else np.zeros(shape, bool)
+        return pred, [vis.layer(m, True, o) for m, o in zip(masks, objs or [])], [], ''
+    votes = [None if o is None else [(m, s, x['label'] or '') for x, m, s in zip(o, ms, ss)]
+             for o, ms, ss in answers[:n]]
+    pred, clusters, reason = vote.majority_vote(votes, agg=agg, shape=shape)
+    layers = []
+    for c in clusters:  # a cluster is drawn by its first member: that answer's mask and box
+        j, k = c['members'][0]
+        layers.append(vis.layer(answers[j][1][k], c['kept'], answers[j][0][k], c['votes']))
+    return pred.cpu().numpy(), layers, clusters, reason
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('Writes')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group('common')
+    g.add_argument('--image', required=True, metavar='PATH', help='an image file (any size; EXIF orientation applied)')
+    g.add_argument('--query', required=True, metavar='TEXT', help='what to find, e.g. "something to sit on"')
+    g.add_argument('--vote', type=int, default=1, metavar='N', help='samples: 1 = greedy, N > 1 = mask voting '
+                   '(T = 1, top-p 0.9) (default: 1)')
+    g.add_argument('--adapter', metavar='FILE', help='LoRA file (default without --model: newest runs/stage{2,1})')
+    g.add_argument('--out', default='runs/predict', metavar='DIR', help='output folder (default: runs/predict)')
+    g.add_argument('--seed', type=int, default=0, metavar='S', help='sampling seed under --vote (default: 0)')
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', metavar='DEV',
+                   help='torch device (default: cuda if there is one, else cpu)')
+    r = p.add_argument_group('paper scale: a real checkpoint and SAM')
+    r.add_argument('--model', metavar='DIR', help='local Qwen2/2.5/3-VL checkpoint dir (default: sandbox/stage0)')
+    r.add_argument('--sam', metavar='FILE', help='segment-anything checkpoint file (default: the colour segmenter)')
+    r.add_argument('--sam-type', default='vit_h', choices=['vit_b', 'vit_l', 'vit_h'], help='SAM size (default: vit_h)')
+    r.add_argument('--image-size', type=int, metavar='PX', help='model input side (default: adapter meta, else 840 '
+                   'or what the processor keeps)')
+    r.add_argument('--coord-mode', choices=['pixel', 'grid1000', 'unit', 'auto'], help='answer coordinates '
+                   '(default: adapter meta, else by model type)')
+    r.add_argument('--prompt-file', metavar='FILE', help='prompt template with {question} (default: the base\'s, '
+                   'else ours)')
+    r.add_argument('--max-new-tokens', type=int, metavar='T', help=f'longest response (default: 2048; sandbox '
+                   f'{SANDBOX_NEW_TOKENS})')
+    s = p.add_argument_group('sandbox (no --model): sandbox/stage0 + the newest runs/stage{2,1} adapter, colour '
+                             'segmenter (flat-coloured images)')
+    s.add_argument('--threads', type=int, metavar='K', help=f'CPU threads (default: {SANDBOX_THREADS} in the sandbox)')
+    args = p.parse_args()
+    for flag, value in [('--vote', args.vote), ('--max-new-tokens', args.max_new_tokens),
+                        ('--image-size', args.image_size), ('--threads', args.threads)]:
+        if value is not None and value < 1:
+            fail('predict', f'{flag} {value}: must be >= 1')
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail('predict', f'--out {args.out}: is a file, not a folder')
+    for flag, path in [('--sam', args.sam), ('--prompt-file', args.prompt_file)]:
+        if path is not None and not os.path.isfile(path):
+            fail('predict', f'{flag} {path}: no such file')
+    try:  # read the image before loading any model
+        image = np.asarray(ImageOps.exif_transpose(Image.open(args.image)).convert('RGB'))
+    except Exception as e:  # noqa: BLE001
+        fail('predict', f'--image {args.image}: unreadable ({type(e).__name__}: {e})')
+    base, adapter, meta = resolve(args.model, args.adapter, 'predict')
+    pol = load('predict', base, adapter, meta, args.device, args.image_size, args.coord_mode, args.prompt_file,
+               args.sam, args.sam_type, args.threads, sandbox=args.model is None)
+    H, W = image.shape[:2]
+    sample = data.Sample(id=args.image, image=image, query=args.query, masks=np.zeros((0, H, W), bool))
+    texts = pipeline.generate(pol['net'], pol['proc'], [sample], pol['template'], pol['image_size'], n=args.vote,
+                              greedy=args.vote == 1, top_p=0.9, seed=args.seed, max_new_tokens=args.max_new_tokens
+                              or (SANDBOX_NEW_TOKENS if args.model is None else 2048))[0].texts
+    answers = pipeline.segment_answers(pol['seg'], sample, texts, pol['image_size'], pol['coord_mode'])
+    pred, layers, _, reason = combine(answers, args.vote, shape=(H, W))
+    print(f'[predict] {base} + {adapter or "no adapter"} | {W}x{H} image, model input {pol["image_size"]}')
+    for i, (text, (objs, _, _)) in enumerate(zip(texts, answers)):
+        head = f'sample {i + 1}/{len(texts)} ' if len(texts) > 1 else ''
+        print(f'{head}think: {vis.shorten(text, 400)}')
+        print(f'{head}answer (original pixels): ' + ('unparsable' if objs is None else json.dumps(objs)))
+    if reason:
+        print(f'vote: {reason}')
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, os.path.splitext(os.path.basename(args.image))[0])
+    vis.overlay(f'{stem}.png', image, layers, args.query, texts[0], note=reason)
+    vis.save_mask(pred, f'{stem}_mask.png')
+    print(f'[predict] {int(pred.sum())} px predicted | wrote {stem}.png (overlay), {stem}_mask.png')
+
+
+if __name__ == '__main__':
+    main()

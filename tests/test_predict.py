@@ -1,0 +1,137 @@
+"""Tests for predict.py and vis.py: the CLI end to end with teacher answers in place of the model's
+(the mask it writes is the ground truth, the answer it prints is in original pixels), greedy and
+voted; bad input as one line before any model; the sandbox default on any image; the pictures'
+titles ("no target", "predicted: nothing", IoU) and the training curves read back from the figure.
+Run: .venv/bin/python -m pytest -q tests/test_predict.py
+"""
+import json, os, subprocess, sys, types
+import numpy as np
+import pytest
+from PIL import Image
+
+import model as M
+import pipeline, predict, vis, world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """A tiny random policy whose input side is the scenes' own 224 px: teacher answers map back exactly."""
+    return M.build_tiny_policy(str(tmp_path_factory.mktemp('tiny')), words=world.vocabulary(), image_size=224)
+
+
+@pytest.fixture
+def scene(tmp_path):
+    """A world test scene with two or more targets, saved as a PNG (lossless: exact colour regions)."""
+    s = next(x for x in world.dataset('test', 30) if len(x.masks) >= 2)
+    path = tmp_path / 'scene.png'
+    Image.fromarray(s.image).save(path)
+    return s, str(path)
+
+
+def run_main(monkeypatch, argv, texts=None):
+    """predict.main() in this process; texts(image_size, n) stands in for the model's generation."""
+    if texts is not None:
+        monkeypatch.setattr(pipeline, 'generate', lambda net, proc, samples, template, size, n=1, **k:
+                            [types.SimpleNamespace(texts=texts(size, n))])
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['predict.py', *map(str, argv)])
+    predict.main()
+
+
+@pytest.mark.parametrize('vote', [1, 3])
+def test_predict_writes_the_teacher_mask_and_prints_the_answer(tiny, scene, tmp_path, monkeypatch, capsys, vote):
+    s, image = scene
+    teacher = lambda size, n: ([world.answer_text(s, (size, size))] * 2 + ['<answer>[]</answer>'])[:n]
+    run_main(monkeypatch, ['--image', image, '--query', s.query, '--model', tiny, '--vote', vote,
+                           '--out', tmp_path / 'out'], teacher)
+    out = capsys.readouterr().out
+    mask = np.asarray(Image.open(tmp_path / 'out' / 'scene_mask.png')) > 0
+    assert np.array_equal(mask, s.gt_mask)  # the teacher's boxes + points, segmented, = the ground truth
+    answer = json.loads(out.split('answer (original pixels): ')[1].splitlines()[0])
+    assert [o['bbox_2d'] for o in answer] == [list(map(int, b)) for b in s.boxes]  # mapped back from model space
+    assert 'think: ' in out and (('vote: K=' in out) == (vote > 1))
+    assert Image.open(tmp_path / 'out' / 'scene.png').size[0] >= 2 * 400  # image | prediction, drawn larger
+
+
+def test_predict_bad_input_is_one_line_before_any_model(tiny, scene, tmp_path, monkeypatch):
+    monkeypatch.setattr(M, 'load_policy', lambda *a, **k: pytest.fail('a model loaded before validation'))
+    _, image = scene
+    open(tmp_path / 'not-an-image.png', 'w').write('text')
+    for argv, words in [(['--image', tmp_path / 'none.png'], '--image'), (['--image', tmp_path / 'not-an-image.png'],
+                        'unreadable'), (['--image', image, '--vote', 0], '--vote 0'),
+                        (['--image', image, '--model', tmp_path], '--model'),
+                        (['--image', image, '--adapter', tmp_path / 'a.safetensors'], '--adapter')]:
+        with pytest.raises(SystemExit) as e:
+            run_main(monkeypatch, argv + ['--query', 'q', '--out', tmp_path / 'o'])
+        assert str(e.value.code).startswith('[predict] error: ') and words in str(e.value.code)
+
+
+def test_predict_with_no_flags_runs_the_sandbox_model_on_any_image(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 150, 3), np.uint8)).save(tmp_path / 'noise.jpg')
+    r = subprocess.run([sys.executable, 'predict.py', '--image', tmp_path / 'noise.jpg', '--query', 'the red circle',
+                        '--out', tmp_path / 'o'], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f'[predict] {predict.SANDBOX_BASE}' in r.stdout or 'runs/stage' in r.stdout
+    assert 'think: ' in r.stdout and 'answer (original pixels): ' in r.stdout
+    assert Image.open(tmp_path / 'o' / 'noise_mask.png').size == (150, 90)
+
+
+# ------------------------------------------------------------------ pictures
+def texts_of(fig):
+    return [ax.get_title() for ax in fig.axes] + [t.get_text() for ax in fig.axes for t in ax.texts] + \
+        [t.get_text() for t in fig.texts] + [fig._suptitle.get_text()]
+
+
+def test_overlay_says_no_target_nothing_predicted_and_the_iou(tmp_path):
+    s = world.sample('test', 0)
+    empty = np.zeros(s.image.shape[:2], bool)
+    fig = vis.overlay(tmp_path / 'a.png', s.image, [], 'find it', 'a long think ' * 30, gt=empty, iou=1.0)
+    words = texts_of(fig)
+    assert 'ground truth: no target' in words and 'no target' in words and 'predicted: nothing' in words
+    assert 'prediction: nothing · IoU 1.00' in words and any(w.startswith('query: "find it"') for w in words)
+    assert any('think: a long think' in w and '…' in w for w in words)  # shortened, not all 30 repeats
+    obj = {'label': 'red circle', 'bbox_2d': [10, 10, 50, 50], 'point_2d': [30, 30]}
+    fig = vis.overlay(tmp_path / 'b.png', s.image, [vis.layer(s.masks[0], True, obj, 5), vis.layer(s.masks[0], False,
+                      obj, 1)], 'q', gt=s.gt_mask, iou=0.25, n_gt=len(s.masks))
+    words = texts_of(fig)
+    assert f'ground truth: {len(s.masks)} object' + ('s' if len(s.masks) > 1 else '') in words
+    assert 'prediction: 1 of 2 vote clusters kept · IoU 0.25' in words
+    assert 'red circle · 5 votes' in words and 'red circle · 1 vote (dropped)' in words
+    fig = vis.overlay(tmp_path / 'c.png', s.image, [vis.layer(s.masks[0], True, obj)], 'q')  # predict.py: 2 panels
+    assert len(fig.axes) == 2 and 'prediction: 1 object' in texts_of(fig)
+    assert Image.open(tmp_path / 'a.png').size[0] >= 3 * 400
+
+
+def test_training_curves_plot_every_stage_and_keep_the_last_record_per_step(tmp_path):
+    os.makedirs(tmp_path / 'stage0'), os.makedirs(tmp_path / 'stage2')
+    with open(tmp_path / 'stage0' / 'log.jsonl', 'w') as f:
+        for step in range(1, 5):
+            f.write(json.dumps(dict(step=step, loss=5.0 - step, **({'val_giou': 0.1 * step} if step % 2 == 0 else {})))
+                    + '\n')
+    with open(tmp_path / 'stage2' / 'log.jsonl', 'w') as f:
+        for step in [1, 2, 3, 2, 3, 4]:  # resumed after step 3 from the step-1 checkpoint: steps 2, 3 again
+            f.write(json.dumps(dict(step=step, reward=float(step), accuracy=step / 10, correct=0.5, resp_len=40 + step,
+                                    **({'val_giou': 0.3} if step == 4 else {}))) + '\n')
+        f.write('{"step": 5, "rew')  # a line cut by a kill
+    logs = [tmp_path / 'stage0' / 'log.jsonl', tmp_path / 'stage2' / 'log.jsonl']
+    fig = vis.plot_training_curves(logs, tmp_path / 'curves.png')
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ['stage 0: held-out gIoU (greedy)', 'stage 0: loss', 'stage 2: reward (mean over rollouts)',
+                      'stage 2: accuracy reward', 'stage 2: held-out gIoU (greedy)',
+                      'stage 2: response length (tokens)']
+    val0, reward2 = fig.axes[0], fig.axes[4]  # row 0 has 4 panels, two of them hidden
+    assert list(val0.lines[0].get_xdata()) == [2, 4] and list(val0.lines[0].get_ydata()) == pytest.approx([0.2, 0.4])
+    raw = reward2.lines[0]  # stage 2's per-step rewards: one per step, the resumed values
+    assert list(raw.get_xdata()) == [1, 2, 3, 4] and list(raw.get_ydata()) == [1, 2, 3, 4]
+    assert vis._smooth(np.array([1.0, 2, 3, 10]), 1) == pytest.approx([1.5, 2, 5, 6.5])  # fewer points at the ends
+    assert Image.open(tmp_path / 'curves.png').size[0] > 1000
+    assert vis.plot_training_curves(tmp_path / 'missing.jsonl', tmp_path / 'x.png') is None
+
+
+def test_save_mask_round_trip(tmp_path):
+    m = world.sample('test', 1).gt_mask
+    vis.save_mask(m, tmp_path / 'm.png')
+    assert np.array_equal(np.asarray(Image.open(tmp_path / 'm.png')) > 0, m)
