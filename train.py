@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint, data, grpo, lora, parallel, pipeline, rest, rewards, warmup, world
+import checkpoint, data, grpo, lora, parallel, pipeline, rest, rewards, vis, warmup, world
 import model as M
 import segment as S
 
@@ -226,6 +226,7 @@ def save(step):
     meta = dict(base=base, stage=args.stage, image_size=args.image_size, coord_mode=coord_mode, step=step)
     checkpoint.save(ckpt, lambda d: lora.save_lora(net, os.path.join(d, 'adapter.safetensors'), meta),
                     opt, step, config, template)
+    vis.plot_training_curves(os.path.join(args.out, 'log.jsonl'), os.path.join(args.out, 'curves.png'))
     return step
 
 
