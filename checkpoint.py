@@ -11,21 +11,24 @@ import json, os, shutil
 import numpy as np
 import torch
 
+import parallel
+
 
 def complete(folder):
     return os.path.isfile(os.path.join(folder, 'trainer.pt'))
 
 
 def save(path, save_weights, opt, step, config, template):
-    """save_weights(folder) writes the weights; everything else is written here."""
+    """save_weights(folder) writes the weights; everything else is written here. opt: the optimizer,
+    or its state dict gathered whole beforehand (a --shard run: parallel.full_optimizer_state)."""
     tmp, old = path + '.tmp', path + '.old'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_weights(tmp)
     with open(os.path.join(tmp, 'prompt.txt'), 'w') as f:
         f.write(template)
-    state = {'opt': opt.state_dict(), 'step': step, 'config': config, 'torch_rng': torch.get_rng_state(),
-             'numpy_rng': np.random.get_state()}
+    state = {'opt': opt if isinstance(opt, dict) else opt.state_dict(), 'step': step, 'config': config,
+             'torch_rng': torch.get_rng_state(), 'numpy_rng': np.random.get_state()}
     torch.save(state, os.path.join(tmp, 'trainer.pt.part'))
     os.replace(os.path.join(tmp, 'trainer.pt.part'), os.path.join(tmp, 'trainer.pt'))  # now complete
     shutil.rmtree(old, ignore_errors=True)
@@ -62,7 +65,7 @@ def restore(path, opt, lr=None):
     lr: the learning rate to use from here on (a changed --lr wins over the saved one, and is said)."""
     st = load_state(path)
     try:
-        opt.load_state_dict(st['opt'])
+        opt.load_state_dict(parallel.shard_optimizer_state(st['opt'], opt))  # --shard: this rank's part
     except (ValueError, KeyError) as e:
         raise ValueError(f'{path}/trainer.pt: optimizer state does not fit this model ({e})') from None
     torch.set_rng_state(st['torch_rng'])

@@ -139,12 +139,14 @@ def _config(model):
     return {'r': mods[0][1].r, 'alpha': mods[0][1].alpha, 'targets': [n for n, _ in mods]}
 
 
-def save_lora(model, path, meta=None):
+def save_lora(model, path, meta=None, state=None):
     """Write the adapter as safetensors; r, alpha, targets (and meta, JSON-encoded) go into the
-    file's metadata. Temp file then os.replace, so a crash never leaves a half-written adapter."""
+    file's metadata. Temp file then os.replace, so a crash never leaves a half-written adapter.
+    state: the tensors to write when the caller holds them (a sharded model's, gathered whole by
+    parallel.full_adapter); default lora_state_dict(model)."""
     from safetensors.torch import save_file
     info = {**(meta or {}), **_config(model)}
-    tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = {k: v.cpu().contiguous() for k, v in (state or lora_state_dict(model)).items()}
     tmp = f'{path}.tmp{os.getpid()}'
     save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in info.items()})
     os.replace(tmp, path)

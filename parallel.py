@@ -7,6 +7,7 @@ Tested by: python -m pytest tests/test_train.py -k "ddp or collective"
 import os
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def init_distributed(device):
@@ -39,8 +40,10 @@ def all_reduce(tensor, device, op='sum'):
 
 def all_reduce_grads(params, device):
     """Sum the gradients of `params` over ranks in one flat buffer (one collective, not one per
-    tensor); a parameter without a gradient counts as zeros so every rank sends the same layout."""
-    if not dist.is_initialized():
+    tensor); a parameter without a gradient counts as zeros so every rank sends the same layout.
+    Sharded parameters (--shard) are left out: FSDP has already reduced their gradients."""
+    params = [q for q in params if not isinstance(q, DTensor)]
+    if not dist.is_initialized() or not params:
         return
     for q in params:
         q.grad = torch.zeros_like(q) if q.grad is None else q.grad
@@ -61,3 +64,83 @@ def gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# ----------------------------------------------------------------------------- --shard: FSDP2
+def _mesh(device):
+    """One node: a 1-D mesh, every layer sharded over all ranks. Several nodes (torchrun's
+    LOCAL_WORLD_SIZE < WORLD_SIZE): HSDP, sharded within the node and replicated across nodes, so the
+    per-token all-gathers of generation stay on the node's fast links."""
+    from torch.distributed.device_mesh import init_device_mesh
+    world, local = dist.get_world_size(), int(os.environ.get('LOCAL_WORLD_SIZE', dist.get_world_size()))
+    kind = torch.device(device).type
+    if local < world and world % local == 0:
+        return init_device_mesh(kind, (world // local, local), mesh_dim_names=('replicate', 'shard'))
+    return init_device_mesh(kind, (world,), mesh_dim_names=('shard',))
+
+
+def shard(net, device):
+    """Shard a Qwen-VL (LoRA applied, adapters loaded) with FSDP2 (torch.distributed.fsdp.fully_shard):
+    one unit per decoder layer and per vision block (the classes transformers lists in
+    _no_split_modules), then the vision tower's remainder, the model's remainder (embeddings, norm)
+    and the root. Each unit's weights are all-gathered just before it runs and freed after, LoRA
+    included; the LoRA gradients are reduce-scattered as they are made. lm_head stays whole on every
+    rank: grpo.token_logprobs calls it chunk by chunk, and each call would all-gather it again.
+    Gradients are SUMMED over ranks (train.py's loss is each rank's share of the global token mean),
+    with a plain SUM collective, which gloo has too. -> net, in place."""
+    from torch.distributed.fsdp import fully_shard
+    mesh, keep = _mesh(device), set(net.get_output_embeddings().parameters())
+    blocks = [m for m in net.modules() if type(m).__name__ in net._no_split_modules]
+    for m in blocks + [net.model.visual, net.model, net]:
+        fully_shard(m, mesh=mesh, ignored_params=keep)
+        m.set_gradient_divide_factor(1.0)         # sum, not the default mean over ranks
+        m.set_force_sum_reduction_for_comms(True)  # ReduceOp.SUM: gloo has no PREMUL_SUM
+    # The root must be set up before any unit runs on its own (pipeline.generate calls the vision
+    # tower first, grpo.token_logprobs calls net.model): FSDP would otherwise take that unit as root.
+    net._get_fsdp_state()._lazy_init()
+    return net
+
+
+def is_sharded(t):
+    return isinstance(t, DTensor)
+
+
+def full(t):
+    """A sharded tensor's whole value (an all-gather: every rank must call it), else t itself."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def full_adapter(net):
+    """{name: whole fp32 tensor on the CPU} of the LoRA adapter; collective under --shard."""
+    import lora
+    return {k: full(v).cpu() for k, v in lora.lora_state_dict(net).items()}
+
+
+def full_optimizer_state(opt):
+    """opt.state_dict() with every sharded tensor gathered whole, onto the CPU: the same layout a
+    run without --shard saves, so either kind of run resumes from either kind of checkpoint."""
+    sd = opt.state_dict()
+    sd['state'] = {i: {k: full(v).cpu() for k, v in s.items()} for i, s in sd['state'].items()}
+    return sd
+
+
+def shard_optimizer_state(sd, opt):
+    """The inverse, before opt.load_state_dict: each whole tensor of a saved optimizer state becomes
+    this rank's shard, laid out as its parameter (no communication: every rank holds the file's
+    values). A state of unsharded parameters is returned unchanged."""
+    from torch.distributed.tensor import distribute_tensor
+    params = [p for g in opt.param_groups for p in g['params']]
+    for i, s in sd['state'].items():
+        p = params[i]
+        if is_sharded(p):
+            s.update({k: distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                           src_data_rank=None)
+                      for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape})
+    return sd
+
+
+def shortfall(n, device):
+    """Under --shard every rank must make the same number of forward/backward passes (each runs FSDP
+    collectives, which pair up across ranks in call order). Called BEFORE the passes with this rank's
+    count `n`: -> how many extra (zero-weight) passes this rank must add to match the busiest rank."""
+    return int(all_reduce(torch.tensor(n, device=device), device, op='max')) - n
