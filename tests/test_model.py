@@ -1,5 +1,5 @@
 """Tests for model.py / tiny.py / segment.py: the tiny checkpoint round trip, prompts, answer
-parsing, coordinate mapping and the segmenter's embedding cache.
+parsing, coordinate mapping and the colour segmenter on the world (tests/test_segment.py: SAM).
 Run: python -m pytest tests/test_model.py
 """
 import os, time
@@ -143,32 +143,6 @@ def test_coordinates_both_ways_non_square():
     assert M.to_original(big, (W, H), (1260, 1260), 'auto')[0]['bbox_2d'] == [0, 0, 952, 499]
     with pytest.raises(ValueError, match='coord_mode'):
         M.to_original(g, (W, H), (840, 840), 'pixels')
-
-
-def test_embedding_cache_one_encode_for_16_rollouts():
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
-    objs = [{'bbox_2d': [10, 10, 60, 50], 'point_2d': [30, 30]}, {'bbox_2d': [70, 20, 120, 90], 'point_2d': None}]
-    for seg in (S.tiny_sam(), S.ColorSegmenter()):
-        for rollout in range(16):
-            masks, scores = S.segment(seg, img, objs, key='img-0')
-        assert seg.encoder_calls == 1 and masks.shape == (2, 96, 128) and scores.shape == (2,)
-        S.segment(seg, img, objs, key='img-1')
-        assert seg.encoder_calls == 2
-
-
-def test_batched_sam_equals_one_by_one():
-    """predict_batch (one decoder batch) == SamPredictor.predict per object, best of 3."""
-    seg = S.tiny_sam()
-    img = np.random.default_rng(1).integers(0, 255, (80, 100, 3), dtype=np.uint8)
-    boxes = np.array([[5, 5, 50, 40], [30, 20, 90, 70], [5, 5, 50, 40]])  # the 3rd repeats the 1st
-    points = np.array([[20, 20], [60, 50], [20, 20]])
-    seg.set_image(img, key='a')
-    masks, scores = seg.predict_batch(boxes, points)
-    for k in range(3):
-        m, s, _ = seg.predictor.predict(point_coords=points[k:k + 1].astype(float), point_labels=np.array([1]),
-                                        box=boxes[k].astype(float), multimask_output=True)
-        assert np.array_equal(masks[k], m[s.argmax()]) and np.isclose(scores[k], s.max(), atol=1e-5)
 
 
 def test_color_segmenter_on_world():
