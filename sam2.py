@@ -91,7 +91,8 @@ def hiera_l_config():
     trunk = Sam2HieraDetConfig(hidden_size=144, num_attention_heads=2, blocks_per_stage=[2, 6, 36, 4],
                                embed_dim_per_stage=[144, 288, 576, 1152], num_attention_heads_per_stage=[2, 4, 8, 16],
                                window_size_per_stage=[8, 4, 16, 8], global_attention_blocks=[23, 33, 43])
-    return Sam2Config(vision_config=Sam2VisionConfig(backbone_config=trunk, backbone_channel_list=[1152, 576, 288, 144]))
+    vision = Sam2VisionConfig(backbone_config=trunk, backbone_channel_list=[1152, 576, 288, 144])
+    return Sam2Config(vision_config=vision)
 
 
 def tiny_sam2(seed=0, side=128, dim=32):
