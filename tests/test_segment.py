@@ -157,6 +157,12 @@ def test_load_segmenter_file_or_directory(tmp_path, sam2_dir):
     (d / 'config.json').write_text(open(f'{sam2_dir}/config.json').read())  # a SAM 2 config, no weights
     with pytest.raises(RuntimeError, match='cannot load SAM 2'):
         S.load_segmenter(str(d))
+    from safetensors.torch import load_file, save_file
+    weights = load_file(f'{sam2_dir}/model.safetensors')
+    save_file({k: v for k, v in weights.items() if 'iou_prediction_head' not in k}, d / 'model.safetensors')
+    (d / 'processor_config.json').write_text(open(f'{sam2_dir}/processor_config.json').read())
+    with pytest.raises(RuntimeError, match='lacks .* weights'):  # transformers alone would only warn
+        S.load_segmenter(str(d))
     seg = S.load_segmenter(sam2_dir)
     assert next(seg.model.parameters()).dtype == torch.float32
     for name, weight in sam2.tiny_sam2(seed=1)[0].state_dict().items():  # the saved weights, not a fresh init
