@@ -75,7 +75,7 @@ def load_sam2(path, device='cpu'):
         model, info = Sam2Model.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
         processor = Sam2Processor.from_pretrained(path)
     except Exception as e:  # missing weights file, truncated download, no processor config...
-        raise RuntimeError(f'cannot load SAM 2 checkpoint {path!r}: {str(e).splitlines()[0]}') from e
+        raise RuntimeError(f'cannot load SAM 2 checkpoint {path!r}: {" ".join(str(e).split())[:300]}') from e
     if info['missing_keys']:
         raise RuntimeError(f'SAM 2 checkpoint {path!r} lacks {len(info["missing_keys"])} weights '
                            f'(e.g. {sorted(info["missing_keys"])[0]})')

@@ -89,8 +89,9 @@ def load_sam(checkpoint, sam_type='vit_h', device='cpu'):
         raise FileNotFoundError(f'SAM checkpoint {checkpoint!r} does not exist')
     try:
         sam = sam_model_registry[sam_type](checkpoint=checkpoint)
-    except Exception as e:  # wrong file, wrong size, truncated download...
-        raise RuntimeError(f'cannot load SAM checkpoint {checkpoint!r} as {sam_type}: {e}') from e
+    except Exception as e:  # wrong file, wrong size, truncated download... on one line: state-dict errors are long
+        raise RuntimeError(f'cannot load SAM checkpoint {checkpoint!r} as {sam_type} (wrong file or --sam-type?): '
+                           f'{" ".join(str(e).split())[:300]}') from e
     return SamSegmenter(sam.to(device).eval())
 
 
@@ -103,6 +104,9 @@ def load_segmenter(path, sam_type='vit_h', device='cpu'):
         return sam2.load_sam2(path, device)
     if not os.path.exists(path):
         raise FileNotFoundError(f'--sam {path!r} does not exist (a SAM v1 .pth file or a SAM 2 checkpoint directory)')
+    if 'sam2' in os.path.basename(path).lower():  # e.g. sam2.1_hiera_large.pt from facebookresearch/sam2
+        raise ValueError(f'--sam {path!r}: SAM 2 loads from a transformers checkpoint directory '
+                         '(e.g. facebook/sam2.1-hiera-large), not from a .pt file')
     return load_sam(path, sam_type, device)
 
 

@@ -147,6 +147,9 @@ def test_load_segmenter_file_or_directory(tmp_path, sam2_dir):
     (tmp_path / 'sam.pth').write_bytes(b'garbage')
     with pytest.raises(RuntimeError, match='sam.pth'):
         S.load_segmenter(str(tmp_path / 'sam.pth'), 'vit_b')
+    (tmp_path / 'sam2.1_hiera_large.pt').write_bytes(b'a facebookresearch/sam2 checkpoint')
+    with pytest.raises(ValueError, match='transformers checkpoint directory'):
+        S.load_segmenter(str(tmp_path / 'sam2.1_hiera_large.pt'))
     d = tmp_path / 'dir'
     d.mkdir()
     with pytest.raises(ValueError, match='config.json'):
