@@ -100,8 +100,9 @@ def reward_ratio(seg, name):
         t = t16 if G == 16 else once(lambda: ours(64))[0]
         base, tgt = t_naive * G, 10 if G == 16 else 30
         add(f'1. reward scoring, G={G} × 3 objects, {name} (random weights), 640×480 image',
-            f'{t:.1f} s (1 encode, 1 decoder batch)', f'{base:.0f} s = {t_naive:.1f} s × {G} (median of {k} '
-            f'rollouts: {n_enc} encodes, {3 * k} decoder calls; scaled)',
+            f'{t:.1f} s (1 encode, decoder chunks of {seg.chunk})',
+            f'{base:.0f} s = {t_naive:.1f} s × {G} (median of {k} rollouts: {n_enc} encodes, '
+            f'{3 * k} decoder calls; scaled)',
             f'{base / t:.1f}×', f'≥ {tgt}×', base / t >= tgt)
 
 def bench_vote():

@@ -31,7 +31,7 @@ class Sam2Segmenter:
         weight = next(self.model.parameters())
         pixels = self.processor.image_processor(images=np.ascontiguousarray(image), return_tensors='pt')
         pixels = pixels['pixel_values'].to(weight.device, weight.dtype)            # (1, 3, 1024, 1024)
-        self.features = self.model.get_image_embeddings(pixels)  # 3 levels: (1, C, 256², 128², 64²)
+        self.features = self.model.get_image_embeddings(pixels)  # (1,32,256²), (1,64,128²), (1,256,64²)
         self.size, self.key, self.encoder_calls = image.shape[:2], key, self.encoder_calls + 1
 
     @torch.no_grad()
