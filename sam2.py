@@ -86,7 +86,7 @@ def load_sam2(path, device='cpu'):
 
 
 def hiera_l_config():
-    """The Sam2Config of SAM 2.1 Hiera-L (sam2.1_hiera_l.yaml: 224M parameters), for random-weight runs."""
+    """The Sam2Config of SAM 2.1 Hiera-L (sam2.1_hiera_l.yaml; 217M parameters in Sam2Model), for random weights."""
     from transformers import Sam2Config, Sam2HieraDetConfig, Sam2VisionConfig
     trunk = Sam2HieraDetConfig(hidden_size=144, num_attention_heads=2, blocks_per_stage=[2, 6, 36, 4],
                                embed_dim_per_stage=[144, 288, 576, 1152], num_attention_heads_per_stage=[2, 4, 8, 16],
