@@ -24,7 +24,7 @@ from scipy import ndimage
 # high-resolution feature maps) once per prompt, and each chunk's best masks are upscaled to the
 # image size before thresholding. Measured (CPU profiler, fp32, 2048x2048 image, real decoder
 # sizes): one chunk of 64 peaks at 1.8 GB (SAM v1) / 2.6 GB (SAM 2.1) beside the model, small next
-# to the 7B policy on an 80 GB GPU, and 64 prompts x 4096 image tokens already fill the GPU.
+# to the 7B policy's 15.5 GB on an 80 GB GPU. Not timed on a GPU yet; set `segmenter.chunk` to change.
 CHUNK = 64
 
 
