@@ -60,10 +60,16 @@ def peak_mb(fn, device, resident=0):
     ev = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'), key=lambda e: e.start_ns())
     return (resident + max(itertools.accumulate((e.nbytes() for e in ev), initial=0))) / 2 ** 20
 
-def bench_reward():
+def bench_reward():  # both segmenters, random weights: SAM v1 vit_b, and the paper's SAM 2.1 Hiera-L (method §4)
     from segment_anything import sam_model_registry
+    from transformers import Sam2ImageProcessor, Sam2Model, Sam2Processor
+    import sam2
     torch.manual_seed(0)
-    seg = segment.SamSegmenter(sam_model_registry['vit_b'](checkpoint=None).eval())
+    reward_ratio(segment.SamSegmenter(sam_model_registry['vit_b'](checkpoint=None).eval()), 'vit_b SAM')
+    hiera_l = Sam2Model(sam2.hiera_l_config()).eval()
+    reward_ratio(sam2.Sam2Segmenter(hiera_l, Sam2Processor(Sam2ImageProcessor())), 'SAM 2.1 Hiera-L')
+
+def reward_ratio(seg, name):
     rng, (H, W), k = np.random.default_rng(0), (480, 640), 1 if Q else 2
     img = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
     ys, xs = np.ogrid[:H, :W]  # 3 GT boxes side by side, (3, H, W)
@@ -90,13 +96,14 @@ def bench_reward():
     t_naive, n_enc = statistics.median(t for t, _ in per), seg.encoder_calls - enc0
     diff = sum(int((c[0][0] != b).sum()) for c, b in zip(calls[-3 * k:], batched[:3 * k]))
     same = diff == 0 and all(r == o for (_, r), o in zip(per, got))
-    add(f'1. masks and rewards identical (first {k} rollouts)', 'yes' if same else f'**no** ({diff} px differ)')
+    add(f'1. {name}: masks and rewards identical (first {k} rollouts)', 'yes' if same else f'**no** ({diff} px differ)')
     for G in (16,) if Q else (16, 64):
         t = t16 if G == 16 else once(lambda: ours(64))[0]
         base, tgt = t_naive * G, 10 if G == 16 else 30
-        add(f'1. reward scoring, G={G} × 3 objects, vit_b SAM (random weights), 640×480 image',
-            f'{t:.1f} s (1 encode, 1 decoder batch)', f'{base:.0f} s = {t_naive:.1f} s × {G} (median of {k} '
-            f'rollouts: {n_enc} encodes, {3 * k} decoder calls; scaled)',
+        add(f'1. reward scoring, G={G} × 3 objects, {name} (random weights), 640×480 image',
+            f'{t:.1f} s (1 encode, decoder chunks of {seg.chunk})',
+            f'{base:.0f} s = {t_naive:.1f} s × {G} (median of {k} rollouts: {n_enc} encodes, '
+            f'{3 * k} decoder calls; scaled)',
             f'{base / t:.1f}×', f'≥ {tgt}×', base / t >= tgt)
 
 def bench_vote():
