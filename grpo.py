@@ -44,7 +44,7 @@ def _chunk_logprobs(head, hidden, target):
     return logits.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
-def token_logprobs(model, batch, micro_batch=8, token_chunk=512):
+def token_logprobs(model, batch, micro_batch=8, token_chunk=256):
     """(B, T) fp32: [b, t] = log p(input_ids[b,t] | input_ids[b,:t]) where response_mask is True
     (t >= 1), 0 elsewhere. One image per row: `pixel_values` (prod(image_grid_thw[i]) patches per
     image) or a precomputed vision output `vision` with one entry per row (select_images).

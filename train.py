@@ -26,8 +26,9 @@ a.add_argument('--model', help='local Qwen2/2.5/3-VL checkpoint dir (default: th
 a.add_argument('--preset', choices=['sandbox', 'paper'], help='defaults: paper with --model, else sandbox')
 a.add_argument('--data', help='training data: ReasonSeg folder or parquet/arrow rows (default: synthetic world)')
 a.add_argument('--skip-bad', action='store_true', help='skip corrupt data rows (counted in one warning)')
-a.add_argument('--sam', help='segment-anything checkpoint file (default: the colour segmenter of the world)')
-a.add_argument('--sam-type', default='vit_h', choices=['vit_b', 'vit_l', 'vit_h'], help='SAM size (vit_h)')
+a.add_argument('--sam', help='segmenter: a transformers SAM 2 / 2.1 checkpoint DIR (the paper: SAM 2.1 Hiera-L) or a '
+               'segment-anything FILE (default: the colour segmenter of the world)')
+a.add_argument('--sam-type', default='vit_h', choices=['vit_b', 'vit_l', 'vit_h'], help='SAM v1 FILE size (vit_h)')
 a.add_argument('--init-adapter', help='stage 2: the stage-1 adapter.safetensors to continue (sandbox: runs/stage1); '
                '"none": a fresh adapter')
 a.add_argument('--out', help='output dir (default runs/stage{N})')
@@ -174,7 +175,7 @@ try:  # data, paths and adapters first; each problem ends in one line, not a tra
     lora.apply_lora(net, r=args.lora_r, alpha=args.lora_alpha)
     if args.stage == 2 and args.init_adapter != 'none':
         lora.load_lora(net, args.init_adapter)  # refuses an adapter of another rank / target set
-    seg = S.load_sam(args.sam, args.sam_type, args.device) if args.sam else S.ColorSegmenter()
+    seg = S.load_segmenter(args.sam, args.sam_type, args.device) if args.sam else S.ColorSegmenter()
     if str(args.device).startswith('cuda'):
         lora.enable_checkpointing(net)
     params = lora.lora_parameters(net)
