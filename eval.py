@@ -50,6 +50,7 @@ g.add_argument('--compare', nargs='+', metavar='DIR', help='DIR: after this eval
                'DIR on the same queries; A B: A minus B from two finished evals, nothing generated')
 g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', metavar='DEV',
                help='torch device (default: cuda if there is one, else cpu)')
+g.add_argument('--shard', action='store_true', help='torchrun: shard the base over the ranks (FSDP2; README)')
 r = p.add_argument_group('paper scale: a real checkpoint, SAM and data')
 r.add_argument('--model', metavar='DIR', help='base checkpoint dir (default: the adapter\'s base, else sandbox/stage0)')
 r.add_argument('--sam', metavar='PATH', help='transformers SAM 2 / 2.1 checkpoint DIR or segment-anything FILE '
@@ -185,7 +186,7 @@ if args.data is not None and not os.path.exists(args.data):
     fail(f'--data {args.data}: no such file or folder')
 
 # ------------------------------------------------------------------ 2. adapter, data, output folder
-ddp, rank, world_size, args.device = parallel.init_distributed(args.device)  # torchrun: shard, gather to rank 0
+ddp, rank, world_size, args.device = parallel.init_distributed(args.device, args.shard, 'eval')  # torchrun: split
 if ddp:
     import torch.distributed as dist
 sandbox = args.model is None
@@ -211,10 +212,9 @@ if rank == 0:
     if args.vis_n:
         writable(vis_dir, '--save-vis')
 if ddp:  # every rank writes its share next to rank 0's
-    box = [out, vis_dir]
-    dist.broadcast_object_list(box, src=0)
-    out, vis_dir = box
+    out, vis_dir = parallel.broadcast_object([out, vis_dir])
 part_path = os.path.join(out, 'samples.jsonl' if world_size == 1 else f'samples.rank{rank}.jsonl')
+os.makedirs(out, exist_ok=True)  # on another node without a shared filesystem the folder is not there yet
 part = open(part_path, 'w')
 
 # ------------------------------------------------------------------ 3. model, segmenter, prompt
@@ -233,11 +233,16 @@ if rank == 0:
 # ------------------------------------------------------------------ 4. generate, segment, vote, score
 t0, records, mine = time.time(), [], shard(len(samples), args.batch, rank, world_size)
 bar = tqdm(total=sum(len(idx) for _, idx in mine), desc='eval', disable=rank != 0)
+if args.shard:  # FSDP2; its collectives need every rank to make as many generate calls: the short ones rerun a batch
+    parallel.shard(pol['net'], args.device)
+    mine += [(None, mine[-1][1] if mine else [0])] * (len(shard(len(samples), args.batch, 0, world_size)) - len(mine))
 for b, idx in mine:
     chunk = [samples[i] for i in idx]
     rolls = pipeline.generate(pol['net'], pol['proc'], chunk, pol['template'], image_size, n=N, greedy=N == 1,
                               temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new, seed=args.seed,
                               keys=idx)  # per-query sampling streams: batching and ranks do not change them
+    if b is None:  # --shard: a rerun to keep the ranks in step, not a result
+        continue
     texts = [t for r in rolls for t in r.texts]
     lens = [n for r in rolls for n in r.mask.sum(1).tolist()]  # (B*N,) tokens up to and incl. the first EOS
     for j, (i, sample) in enumerate(zip(idx, chunk)):
@@ -258,20 +263,18 @@ for b, idx in mine:
 bar.close()
 part.close()
 if ddp:  # exact merge: every rank's per-query sums go to rank 0, which aggregates once
-    parts = [None] * world_size if rank == 0 else None
-    dist.gather_object(records, parts, dst=0)
+    parts = parallel.gather_objects(records)
     records = [r for part in parts for r in part] if rank == 0 else []
+    os.remove(part_path)  # each rank its own: the nodes need not share a filesystem
     dist.destroy_process_group()
 if rank != 0:
     sys.exit(0)
 
 # ------------------------------------------------------------------ 5. report (rank 0)
 records.sort(key=lambda r: r['index'])
-if ddp:  # one samples.jsonl in query order, then the rank parts go
+if ddp:  # one samples.jsonl in query order (the rank parts are gone)
     with open(os.path.join(out, 'samples.jsonl'), 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in records)
-    for k in range(world_size):
-        os.remove(os.path.join(out, f'samples.rank{k}.jsonl'))
 summary = stats.summarize(records)
 summary.update(base=base, adapter=adapter, data=args.data or 'world/test', image_size=image_size, coord_mode=coord_mode,
                batch=args.batch, vote=N, agg=args.agg, temperature=args.temperature, top_p=args.top_p,

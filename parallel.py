@@ -1,20 +1,25 @@
 """parallel.py: torch.distributed for train.py and eval.py under torchrun (one process per GPU, any
 number of nodes): joining the process group, and the few collectives the scripts use, each checking
 that its tensor is on this rank's device (NCCL only takes GPU tensors: a CPU scalar handed to it
-stops the first step, while a CPU-only gloo test would never notice).
-Tested by: python -m pytest tests/test_train.py -k "ddp or collective"
+stops the first step, while a CPU-only gloo test would never notice). With --shard, the base is
+sharded over the ranks with PyTorch's FSDP2 (`shard`), and the adapter and optimizer state are
+gathered whole for checkpoints and cut back into shards on resume.
+Tested by: python -m pytest tests/test_train.py -k "ddp or collective"; tests/test_shard.py
 """
-import os
+import os, sys
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-def init_distributed(device):
+def init_distributed(device, shard=False, tool='train'):
     """Under torchrun: join the process group (nccl on GPU, gloo on CPU) and take the GPU of this
     process's LOCAL rank (several nodes: RANK is global, LOCAL_RANK counts within the node).
-    -> (ddp, rank, world_size, device); outside torchrun (False, 0, 1, device)."""
+    -> (ddp, rank, world_size, device); outside torchrun (False, 0, 1, device), or with `shard`
+    (the script's --shard) one line naming the flag."""
     if 'RANK' not in os.environ:
+        if shard:
+            sys.exit(f'[{tool}] error: --shard needs torchrun, one process per GPU (README "More than one GPU")')
         return False, 0, 1, device
     cuda = torch.cuda.is_available() and not str(device).startswith('cpu')
     dist.init_process_group('nccl' if cuda else 'gloo')
@@ -55,6 +60,15 @@ def all_reduce_grads(params, device):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's picklable `obj` on every rank (obj itself outside torchrun)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_objects(obj):

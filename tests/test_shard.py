@@ -125,3 +125,19 @@ def test_sharded_loop_equals_one_process_and_resumes_exactly(plain, tmp_path):
     assert records(part) == rb
     c = adapter(part)
     assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_sharded_eval_equals_one_process(plain, tmp_path):
+    # 5 queries in batches of 2: rank 0 runs batches 0 and 2, rank 1 batch 1 and then batch 1 again,
+    # unrecorded, so that both make the same generate calls
+    flags = ['--model', BASE, '--adapter', os.path.join(plain, 'last', 'adapter.safetensors'), '--limit', 5,
+             '--batch', 2, '--max-new-tokens', 30, '--image-size', 112, '--vis-n', 0, '--threads', 1]
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    launch(*flags, '--out', one, script=os.path.join(ROOT, 'eval.py'))
+    launch(*flags, '--out', two, '--shard', ranks=2, script=os.path.join(ROOT, 'eval.py'))
+    read = lambda d, f: [json.loads(line) for line in open(os.path.join(d, f))]  # noqa: E731
+    assert read(one, 'samples.jsonl') == read(two, 'samples.jsonl')  # same greedy answers, in query order
+    s1, s2 = (json.load(open(os.path.join(d, 'summary.json'))) for d in (one, two))
+    for s in (s1, s2):
+        s.pop('seconds'), s.pop('world_size')
+    assert s1 == s2 and sorted(os.listdir(two)) == ['samples.jsonl', 'summary.json']
