@@ -93,8 +93,9 @@ def test_vision_placeholders_are_never_sampled():
     count mismatch). Even a policy that strongly prefers it never emits it, and the update runs."""
     net, proc = M.load_policy('sandbox/stage0')
     image_id = net.config.image_token_id
-    with torch.no_grad():
-        net.get_output_embeddings().weight[image_id] *= 50  # now by far the most likely next token
+    boost = torch.zeros(net.config.get_text_config().vocab_size)
+    boost[image_id] = 100.0  # now by far the most likely next token, in generation and in the update
+    net.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + boost.to(out.dtype))
     s = world.sample('val', 0)
     r, = pipeline.generate(net, proc, [s], 'find: {question}', 112, n=4, greedy=False, max_new_tokens=8, seed=0)
     assert not torch.isin(r.responses, torch.tensor(pipeline.vision_tokens(net))).any()
