@@ -38,16 +38,20 @@ def select_images(vision, index):
     return out
 
 
-def _chunk_logprobs(head, hidden, target):
-    """(c, H) hidden states, (c,) targets -> (c,) fp32 log p(target): logits of the chunk only."""
+def _chunk_logprobs(head, hidden, target, banned=None):
+    """(c, H) hidden states, (c,) targets -> (c,) fp32 log p(target): logits of the chunk only, the
+    `banned` token ids (a LongTensor) excluded from the distribution as they were from sampling."""
     logits = head(hidden).float()                                              # (c, V)
+    if banned is not None:
+        logits = logits.index_fill(-1, banned, float('-inf'))
     return logits.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def token_logprobs(model, batch, micro_batch=8, token_chunk=256):
     """(B, T) fp32: [b, t] = log p(input_ids[b,t] | input_ids[b,:t]) where response_mask is True
     (t >= 1), 0 elsewhere. One image per row: `pixel_values` (prod(image_grid_thw[i]) patches per
-    image) or a precomputed vision output `vision` with one entry per row (select_images).
+    image) or a precomputed vision output `vision` with one entry per row (select_images). Optional
+    `banned`: token ids the sampling distribution excluded (pipeline.vision_tokens), excluded here too.
     Memory (method §6): the LM's hidden states at the positions that predict response tokens go through
     lm_head `token_chunk` tokens at a time, and under autograd each chunk is checkpointed, so backward
     recomputes its (chunk, V) logits instead of keeping (tokens, V) fp32 logits alive; at V = 151,936
@@ -63,6 +67,7 @@ def token_logprobs(model, batch, micro_batch=8, token_chunk=256):
     if mm is None:  # without it Qwen-VL silently falls back to 1-D positions: rebuild it
         mm = (ids == model.config.image_token_id).int()
     head = model.get_output_embeddings()
+    banned = torch.as_tensor(batch['banned'], device=ids.device) if batch.get('banned') else None
     rows = []
     for s in range(0, B, micro_batch):
         e = min(s + micro_batch, B)
@@ -81,7 +86,7 @@ def token_logprobs(model, batch, micro_batch=8, token_chunk=256):
         target = ids[s:e][valid[s:e]]                     # (k,) in the same row-major order
         parts = []
         for c in range(0, len(target), token_chunk):
-            args = (head, pred[c:c + token_chunk], target[c:c + token_chunk])
+            args = (head, pred[c:c + token_chunk], target[c:c + token_chunk], banned)
             parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
                          else _chunk_logprobs(*args))
         rows.append(out.masked_scatter(valid[s:e], torch.cat(parts)))
