@@ -83,10 +83,11 @@ def loop(mode, out, steps):
         gnorm = parallel.full(torch.nn.utils.clip_grad_norm_(params, 1.0))
         opt.step()
         loss = parallel.all_reduce(torch.tensor(total, device=dev), dev)
+        mesh = list(params[0].device_mesh.shape) if parallel.is_sharded(params[0]) else []
         if rank == 0:
             with open(os.path.join(out, 'log.jsonl'), 'a') as f:
                 f.write(json.dumps(dict(step=step + 1, loss=loss.item(), grad_norm=gnorm.item(), passes=passes,
-                                        extra=extra)) + '\n')
+                                        extra=extra, mesh=mesh)) + '\n')
     state, opt_state = parallel.full_adapter(net), parallel.full_optimizer_state(opt)  # collective
     if rank == 0:
         checkpoint.save(ckpt, lambda d: lora.save_lora(net, os.path.join(d, 'adapter.safetensors'), state=state),
@@ -117,6 +118,7 @@ def test_sharded_loop_equals_one_process_and_resumes_exactly(plain, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = records(plain), records(two)
     assert [(r['passes'], r['extra']) for r in rb] == [(0, 2), (2, 0)]  # rank 0: idle in step 0, padded
+    assert rb[0]['mesh'] == [2] and ra[0]['mesh'] == []  # one node: every layer cut in 2
     pick = lambda rec: [r[k] for r in rec for k in ('loss', 'grad_norm')]  # noqa: E731
     assert pick(ra) == pytest.approx(pick(rb), rel=1e-6)
     # a sharded run of 1 step, saved (whole tensors), then resumed sharded: the same second step
@@ -125,6 +127,26 @@ def test_sharded_loop_equals_one_process_and_resumes_exactly(plain, tmp_path):
     assert records(part) == rb
     c = adapter(part)
     assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_two_nodes_the_readme_command(plain, tmp_path):
+    # README's multi-node command with 2 "nodes" of 1 process on this machine: torchrun's c10d rendezvous,
+    # LOCAL_RANK 0 on both, LOCAL_WORLD_SIZE 1 < WORLD_SIZE 2 -> HSDP: replicated across the nodes
+    # (the gradients all-reduced), sharded within each (here over 1 rank)
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc_per_node', '1', '--rdzv_backend',
+           'c10d', '--rdzv_endpoint', f'127.0.0.1:{port}', '--rdzv_id', 'shardtest', __file__, 'shard', out, '2']
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    logs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), logs[0][-3000:] + logs[1][-3000:]
+    assert records(out)[0]['mesh'] == [2, 1]
+    a, b = adapter(plain), adapter(out)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
 
 
 def test_sharded_eval_equals_one_process(plain, tmp_path):
