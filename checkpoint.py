@@ -7,7 +7,7 @@ renames `last.tmp` to `last` and deletes `last.old`; a kill anywhere in between 
 folder under one of the three names, and `recover` puts the newest one back as `last`.
 Tested by: python -m pytest tests/test_train.py -k "resume or checkpoint"
 """
-import json, os, shutil
+import json, os, shutil, sys
 import numpy as np
 import torch
 
@@ -36,6 +36,36 @@ def save(path, save_weights, opt, step, config, template):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(path, net, opt, meta, config, template, write=True):
+    """A stage 1-2 checkpoint: the LoRA adapter (its metadata `meta`, meta['step'] the step) and the
+    optimizer state. Under --shard every rank must call it: the adapter and AdamW's moments are gathered
+    whole (a run on any number of ranks, sharded or not, resumes from them); the rank with `write` writes."""
+    import lora
+    state, opt_state = parallel.full_adapter(net), parallel.full_optimizer_state(opt)
+    if write:
+        save(path, lambda d: lora.save_lora(net, os.path.join(d, 'adapter.safetensors'), meta, state), opt_state,
+             meta['step'], config, template)
+
+
+def prepare(path, resume, rank):
+    """Before anything loads: rank 0 repairs an interrupted save (recover), then every rank looks.
+    -> whether `path` holds a checkpoint to continue; a checkpoint without --resume, or ranks that disagree
+    (several nodes whose --out is not on one shared filesystem), is one line and an exit."""
+    out = os.path.dirname(path)
+    if rank == 0:
+        recover(path)
+    parallel.barrier()
+    found = complete(path)
+    if len(set(parallel.gather_objects(found))) > 1:
+        sys.exit(f'[train] error: {path} is seen by some ranks and not by others: on several nodes --out must be '
+                 'on a filesystem they all share')
+    if resume and not found:
+        print(f'[train] --resume: no checkpoint in {out}, starting at step 0')
+    elif found and not resume:
+        sys.exit(f'[train] error: {out} already holds a checkpoint: --resume continues it, --out DIR starts anew')
+    return found
 
 
 def recover(path):

@@ -112,6 +112,9 @@ def shard(net, device):
     # The root must be set up before any unit runs on its own (pipeline.generate calls the vision
     # tower first, grpo.token_logprobs calls net.model): FSDP would otherwise take that unit as root.
     net._get_fsdp_state()._lazy_init()
+    if dist.get_rank() == 0:
+        print(f'[shard] FSDP2 over {dist.get_world_size()} ranks, mesh {dict(zip(mesh.mesh_dim_names, mesh.shape))}: '
+              f'{len(blocks)} blocks + 3 units, lm_head whole on every rank')
     return net
 
 
@@ -151,10 +154,3 @@ def shard_optimizer_state(sd, opt):
                                            src_data_rank=None)
                       for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape})
     return sd
-
-
-def shortfall(n, device):
-    """Under --shard every rank must make the same number of forward/backward passes (each runs FSDP
-    collectives, which pair up across ranks in call order). Called BEFORE the passes with this rank's
-    count `n`: -> how many extra (zero-weight) passes this rank must add to match the busiest rank."""
-    return int(all_reduce(torch.tensor(n, device=device), device, op='max')) - n

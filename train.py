@@ -58,6 +58,7 @@ a.add_argument('--threads', type=int, help='CPU threads (sandbox 2, fixed so a r
 a.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
 a = p.add_argument_group('memory (paper scale: the defaults fit an 80 GB GPU, README "The real thing")')
 a.add_argument('--micro-batch', type=int, default=8, help='rollout rows per forward/backward (8)')
+a.add_argument('--shard', action='store_true', help='torchrun: shard the base over the ranks (FSDP2; README)')
 a.add_argument('--gen-chunk', type=int, help='rows (prompts x rollouts) per generate call (paper 64, '
                'sandbox all of a step); the rollouts do not depend on it')
 a.add_argument('--random-init', action='store_true', help='random weights from --model\'s config.json '
@@ -76,7 +77,7 @@ config = vars(args)
 # Presets: the sandbox (tiny model, synthetic world, CPU minutes), or the paper's settings (§6-8).
 SANDBOX_BASE, SANDBOX_PROMPT = 'sandbox/stage0', 'find: {question}'  # README: the command that made the base
 REASONING = ('P/F', 'C/KI', 'C/R', 'C/MH')
-ddp, rank, world_size, args.device = parallel.init_distributed(args.device)
+ddp, rank, world_size, args.device = parallel.init_distributed(args.device, args.shard)
 paper_batch = max(1, 16 // world_size)  # method §6: 16 prompts per step in all, shared by the ranks
 PAPER = {1: dict(batch=paper_batch, group=16, rollouts=16, lr=1e-5, lora_r=64, lora_alpha=64, steps=323),
          2: dict(batch=paper_batch, group=16, rollouts=256, lr=5e-6, lora_r=64, lora_alpha=64, steps=150)}
@@ -103,6 +104,7 @@ def check_args():
     bad += [f'--{k} {v}: must be > 0' for k, v in (('lr', args.lr), ('temperature', args.temperature),
                                                    ('lora-alpha', args.lora_alpha)) if v is not None and not v > 0]
     bad += [f'--top-p {args.top_p}: must be in (0, 1]'] if not 0 < args.top_p <= 1 else []
+    bad += ['--shard: stages 1-2 (stage 0 trains the tiny base whole)'] if args.shard and args.stage == 0 else []
     bad += [f'--{k} {v}: must be >= 0' for k, v in (('eval-every', args.eval_every), ('kl-coef', args.kl_coef),
                                                     ('clip-eps', args.clip_eps), ('wd', args.wd)) if v < 0]
     if args.stage > 0 and args.rollouts < args.group:
@@ -156,14 +158,7 @@ if args.stage == 2 and args.init_adapter is None:
     if not checkpoint.recover('runs/stage1/last') and rank == 0:
         run_earlier(1)
     args.init_adapter = 'runs/stage1/last/adapter.safetensors'
-if rank == 0:
-    checkpoint.recover(ckpt)  # an interrupted save is repaired by one process, then read by all
-parallel.barrier()
-resumed = checkpoint.complete(ckpt)
-if args.resume and not resumed:
-    print(f'[train] --resume: no checkpoint in {args.out}, starting at step 0')
-elif resumed and not args.resume:
-    sys.exit(f'[train] error: {args.out} already holds a checkpoint: --resume continues it, --out DIR starts anew')
+resumed = checkpoint.prepare(ckpt, args.resume, rank)  # rank 0 repairs a half-done save, then all ranks look
 try:  # data, paths and adapters first; each problem ends in one line, not a traceback
     train_set = data.load_dataset(args.data, args.skip_bad) if args.data else None
     proc = M.load_processor(base)
@@ -175,14 +170,17 @@ try:  # data, paths and adapters first; each problem ends in one line, not a tra
     lora.apply_lora(net, r=args.lora_r, alpha=args.lora_alpha)
     if args.stage == 2 and args.init_adapter != 'none':
         lora.load_lora(net, args.init_adapter)  # refuses an adapter of another rank / target set
+    if args.resume and resumed:  # whole tensors: before any sharding
+        lora.load_lora(net, os.path.join(ckpt, 'adapter.safetensors'))
     seg = S.load_segmenter(args.sam, args.sam_type, args.device) if args.sam else S.ColorSegmenter()
     if str(args.device).startswith('cuda'):
         lora.enable_checkpointing(net)
+    if args.shard:
+        parallel.shard(net, args.device)
     params = lora.lora_parameters(net)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
     start = 0
     if args.resume and resumed:
-        lora.load_lora(net, os.path.join(ckpt, 'adapter.safetensors'))
         start, saved = checkpoint.restore(ckpt, opt, lr=args.lr)
         checkpoint.truncate_log(os.path.join(args.out, 'log.jsonl'), start) if rank == 0 else None
 except (OSError, ValueError, RuntimeError) as e:
@@ -204,8 +202,8 @@ def policy_loss(rollouts, kept, adv, n_tok):
     """Backward of the step's loss share for one prompt: PPO-clip over its kept rollouts, weighted so
     that the sum over prompts and ranks is the token mean over every kept response token (§6).
     A zero-advantage row adds no gradient unless the KL term is on. -> (loss share, stats)."""
-    rows = kept if args.kl_coef > 0 else kept[adv != 0]
-    adv = adv if args.kl_coef > 0 else adv[adv != 0]
+    rows = kept if args.kl_coef > 0 or args.shard else kept[adv != 0]  # --shard: every rank as many passes
+    adv = adv if args.kl_coef > 0 or args.shard else adv[adv != 0]
     total, stats = 0.0, []
     for k in range(0, len(rows), args.micro_batch):
         batch = pipeline.update_batch(rollouts, rows[k:k + args.micro_batch])
@@ -223,15 +221,15 @@ def policy_loss(rollouts, kept, adv, n_tok):
     return total, stats
 
 
-def save(step):
+def save(step):  # --shard: called by every rank (the adapter and optimizer state are gathered whole)
     meta = dict(base=base, stage=args.stage, image_size=args.image_size, coord_mode=coord_mode, step=step)
-    checkpoint.save(ckpt, lambda d: lora.save_lora(net, os.path.join(d, 'adapter.safetensors'), meta),
-                    opt, step, config, template)
-    vis.plot_training_curves(os.path.join(args.out, 'log.jsonl'), os.path.join(args.out, 'curves.png'))
+    checkpoint.save_adapter(ckpt, net, opt, meta, config, template, write=rank == 0)
+    if rank == 0:
+        vis.plot_training_curves(os.path.join(args.out, 'log.jsonl'), os.path.join(args.out, 'curves.png'))
     return step
 
 
-if args.eval_every and start == 0 and rank == 0 and val:  # the starting point of the held-out curve
+if args.eval_every and start == 0 and (rank == 0 or args.shard) and val:  # the start of the held-out curve
     log(dict(step=0, val_giou=pipeline.heldout_giou(net, proc, seg, val, template, args.image_size, coord_mode,
                                                     args.max_new_tokens)[0]))
 net.train()
@@ -265,7 +263,7 @@ try:
         # 5. step: gradients summed over ranks; a non-finite loss or gradient stops every rank together
         parallel.all_reduce_grads(params, args.device)
         loss = parallel.all_reduce(torch.tensor(sum(x for x, _ in losses), device=args.device), args.device)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        gnorm = parallel.full(torch.nn.utils.clip_grad_norm_(params, 1.0))  # --shard: the shards' norms combined
         if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
             sys.exit(f'[train] non-finite loss/gradient at step {step + 1}: stopped on every rank; '
                      f'last good checkpoint: {ckpt}')
@@ -283,17 +281,18 @@ try:
                       **{k: float(np.mean([s[k] for s in stats])) if stats else 0.0 for k in ('clip_frac', 'kl')})
         if torch.cuda.is_available() and str(args.device).startswith('cuda'):
             record['peak_mem_gb'] = torch.cuda.max_memory_allocated() / 2 ** 30
-        if args.eval_every and (step + 1) % args.eval_every == 0 and rank == 0 and val:
+        if args.eval_every and (step + 1) % args.eval_every == 0 and (rank == 0 or args.shard) and val:
             record['val_giou'], example = pipeline.heldout_giou(net, proc, seg, val, template, args.image_size,
                                                                 coord_mode, args.max_new_tokens)
-            tqdm.write(f"step {step + 1}: reward {record['reward']:.2f} correct {record['correct']:.2f} "
-                       f"val gIoU {record['val_giou']:.3f} | {example[:70]}")
+            if rank == 0:
+                tqdm.write(f"step {step + 1}: reward {record['reward']:.2f} correct {record['correct']:.2f} "
+                           f"val gIoU {record['val_giou']:.3f} | {example[:70]}")
         log(record)
         done = step + 1
-        if rank == 0 and (done % args.save_every == 0 or done == args.steps):
+        if (rank == 0 or args.shard) and (done % args.save_every == 0 or done == args.steps):
             saved = save(done)
 except KeyboardInterrupt:  # keep the finished steps: save them, say how to continue
-    if rank == 0 and done > saved:
+    if (rank == 0 or args.shard) and done > saved:
         saved = save(done)
     again = ' '.join(['python', *sys.argv] + ([] if args.resume else ['--resume']))
     sys.exit(f'\n[train] interrupted after step {done}: checkpoint {ckpt} holds step {saved}; continue with: {again}')
