@@ -171,6 +171,10 @@ def test_interrupted_save_and_resume_bookkeeping(two_steps, tmp_path):
     assert [r['step'] for r in records(out)] == [1, 2] and records(out)[1]['reward'] != -1.0
     p = run('--stage', 1, *RL, '--steps', 1, '--out', str(tmp_path / 'new'), '--resume')
     assert 'no checkpoint' in p.stdout
+    state = os.path.join(out, 'last', 'trainer.pt')  # a damaged trainer state is one line, not a traceback
+    open(state, 'wb').write(open(state, 'rb').read()[:200])
+    p = run('--stage', 1, *RL, '--steps', 3, '--out', out, '--resume', ok=False)
+    assert 'trainer.pt: unreadable' in p.stderr and 'Traceback' not in p.stderr
 
 
 def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
