@@ -183,8 +183,9 @@ try:  # data, paths and adapters first; each problem ends in one line, not a tra
     start = 0
     if args.resume and resumed:
         lora.load_lora(net, os.path.join(ckpt, 'adapter.safetensors'))
-        start, saved = checkpoint.restore(ckpt, opt, lr=args.lr)
-        checkpoint.truncate_log(os.path.join(args.out, 'log.jsonl'), start) if rank == 0 else None
+        start = checkpoint.restore(ckpt, opt, lr=args.lr)[0]
+        if rank == 0:  # the steps after the checkpoint are rerun: their old records go
+            checkpoint.truncate_log(os.path.join(args.out, 'log.jsonl'), start)
 except (OSError, ValueError, RuntimeError) as e:
     sys.exit(f'[train] error: {e}')
 val = [] if args.data else world.dataset('val', args.eval_n, families=target_families)  # real data: eval.py
