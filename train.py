@@ -104,15 +104,14 @@ def check_args():
     bad += [f'--{k} {v}: must be > 0' for k, v in (('lr', args.lr), ('temperature', args.temperature),
                                                    ('lora-alpha', args.lora_alpha)) if v is not None and not v > 0]
     bad += [f'--top-p {args.top_p}: must be in (0, 1]'] if not 0 < args.top_p <= 1 else []
-    bad += ['--shard: stages 1-2 (stage 0 trains the tiny base whole)'] if args.shard and args.stage == 0 else []
     bad += [f'--{k} {v}: must be >= 0' for k, v in (('eval-every', args.eval_every), ('kl-coef', args.kl_coef),
                                                     ('clip-eps', args.clip_eps), ('wd', args.wd)) if v < 0]
     if args.stage > 0 and args.rollouts < args.group:
         bad.append(f'--rollouts {args.rollouts} < --group {args.group}: REST samples N >= the G it keeps')
     if set(families) - set(world.FAMILIES):
         bad.append(f'--families {args.families!r}: each must be one of {",".join(world.FAMILIES)}')
-    if args.stage == 0 and args.preset == 'paper':
-        bad.append('--stage 0 trains the tiny sandbox base only; a real Qwen-VL starts at --stage 1')
+    if args.stage == 0 and (args.preset == 'paper' or args.shard):
+        bad.append('--stage 0 trains the tiny sandbox base, whole; a real Qwen-VL (or --shard) starts at --stage 1')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         bad.append(f'--out {args.out}: is a file')
     if bad:
@@ -181,8 +180,9 @@ try:  # data, paths and adapters first; each problem ends in one line, not a tra
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
     start = 0
     if args.resume and resumed:
-        start, saved = checkpoint.restore(ckpt, opt, lr=args.lr)
-        checkpoint.truncate_log(os.path.join(args.out, 'log.jsonl'), start) if rank == 0 else None
+        start = checkpoint.restore(ckpt, opt, lr=args.lr)[0]
+        if rank == 0:  # the steps after the checkpoint are rerun: their old records go
+            checkpoint.truncate_log(os.path.join(args.out, 'log.jsonl'), start)
 except (OSError, ValueError, RuntimeError) as e:
     sys.exit(f'[train] error: {e}')
 val = [] if args.data else world.dataset('val', args.eval_n, families=target_families)  # real data: eval.py
