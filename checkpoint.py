@@ -4,8 +4,10 @@ A checkpoint is a folder: the weights (a full model dir in stage 0, adapter.safe
 1-2), prompt.txt, and trainer.pt (optimizer, step, RNG states, the run's config), written last, so
 its presence marks the folder complete. A save writes `last.tmp`, moves `last` to `last.old`,
 renames `last.tmp` to `last` and deletes `last.old`; a kill anywhere in between leaves a complete
-folder under one of the three names, and `recover` puts the newest one back as `last`.
-Tested by: python -m pytest tests/test_train.py -k "resume or checkpoint"
+folder under one of the three names, and `recover` puts the newest one back as `last`. Under
+--shard the adapter and optimizer state are gathered whole first (save_adapter), so the files are the
+same whatever the number of ranks, and restore cuts them back into this rank's shards.
+Tested by: python -m pytest tests/test_train.py -k "resume or checkpoint"; tests/test_shard.py
 """
 import json, os, shutil, sys
 import numpy as np

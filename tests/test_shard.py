@@ -3,8 +3,12 @@ trains and checkpoints like the unsharded one.
   - the mechanics, on a small GRPO-like loop of this file's own (run under torchrun by the tests):
     2 sharded ranks == 1 plain process after 2 steps, with a prompt of zero advantage in step 0 (its rank
     still makes its passes, which add nothing); the checkpoint a sharded run writes resumes exactly;
+  - README's multi-node command, as 2 one-process "nodes" on this machine (HSDP: replicated x sharded);
+  - eval.py --shard == 1 process, with a rank that reruns a batch to keep in step;
   - train.py --shard end to end: 2 steps equal the 1-process run, resume is exact.
-Run: python -m pytest tests/test_shard.py
+gloo has every collective FSDP2 uses here (all-gather, reduce-scatter, all-reduce); parallel.shard asks for a
+plain SUM, as NCCL's PREMUL_SUM (FSDP's default with a divide factor) is not in gloo.
+Run: python -m pytest tests/test_shard.py (about 6 min on 2 cores)
 """
 import json, os, subprocess, sys
 import pytest
