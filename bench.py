@@ -1,7 +1,7 @@
 """bench.py: what our design choices buy, as RATIOS of our way to the straightforward (or the reference's)
 way on identical inputs, run side by side (interleaved, medians over repeats) so a busy machine slows both
 alike; each comparison also checks both sides agree. 1 rewards: one SAM encode per image + one decoder
-batch vs set_image per rollout (SPEC §4). 2 voting: one Gram matrix vs a per-pair loop (§10). 3 GRPO step:
+batch vs set_image per rollout (method §4). 2 voting: one Gram matrix vs a per-pair loop (§10). 3 GRPO step:
 KL reference = adapters off vs a model copy (§6). 4 LoRA vs full fine-tuning (§7). 5 batched generation.
 6 sandbox wall times from runs/*/log.jsonl. 8 log-prob memory at the real vocabulary. 9 the vision tower once per
 prompt vs once per rollout row. 10 smoke.py on CPU at the real widths (on a GPU, run smoke.py itself). A
@@ -24,7 +24,7 @@ args = p.parse_args()
 if not set(args.only.split(',')) <= set(ALL.split(',')):
     p.error(f'--only: choose from {ALL}')
 Q, REPS, T0 = args.quick, 3 if args.quick else 7, time.time()
-KL, PROMPT = 5e-3, 'find: {question}'  # the predecessors' k3 coefficient (SPEC §6); the sandbox prompt
+KL, PROMPT = 5e-3, 'find: {question}'  # the predecessors' k3 coefficient (method §6); the sandbox prompt
 transformers.utils.logging.disable_progress_bar()
 rows = []  # (figure, ours, baseline, ratio, target, met)
 
@@ -155,7 +155,7 @@ def bench_grpo(net=None, batch=None, tag=None, reps=REPS):
         batch, tag = rollout_batch(proc, B), f'tiny model, {B} rollouts'
     dev = batch['input_ids'].device
     ref_net = copy.deepcopy(net).requires_grad_(False)  # the reference's way: a frozen second model
-    lora.apply_lora(net, *[64 if dev.type == 'cuda' else 16] * 2)  # r = alpha: SPEC §7 on the 7B, the sandbox's
+    lora.apply_lora(net, *[64 if dev.type == 'cuda' else 16] * 2)  # r = alpha: method §7 on the 7B, the sandbox's
     for _, m in lora.lora_modules(net):  # non-zero B, so that adapters on and off really differ
         m.lora_B.data.normal_(0, 0.02)
     if dev.type == 'cuda':  # as train.py runs on GPU

@@ -37,7 +37,7 @@ class BadData(ValueError):
 
 def resize_for_model(image, size=840):
     """(H, W, 3) uint8 -> size x size PIL image, bilinear as in the reference's eval, aspect not
-    kept; model coordinates map back with W/size, H/size (model.to_original). SPEC §3."""
+    kept; model coordinates map back with W/size, H/size (model.to_original). method §3."""
     return Image.fromarray(np.asarray(image, np.uint8)).resize((size, size), Image.BILINEAR)
 
 def gt_point(mask):
@@ -120,7 +120,7 @@ def _reasonseg_item(where, stem, split):
     # target is cut out of it, a small target inside an ignore region stays target. Instance = its
     # polygon AND "target" in the final map, so their union is the target label, disjoint from ignore.
     polys.sort(key=lambda p: -p[1].sum())
-    lab = np.zeros(hw, np.uint8)  # (H, W): 0 background, 1 target, 255 ignore (SPEC §11)
+    lab = np.zeros(hw, np.uint8)  # (H, W): 0 background, 1 target, 255 ignore (method §11)
     for ig, m in polys:
         lab[m] = 255 if ig else 1
     masks = [t for t in (m & (lab == 1) for ig, m in polys if not ig) if t.any()]  # largest first

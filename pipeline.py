@@ -1,4 +1,4 @@
-"""pipeline.py: the StAR inference path, image + query -> masks (SPEC §1-4): resize for the MLLM,
+"""pipeline.py: the StAR inference path, image + query -> masks (method §1-4): resize for the MLLM,
 prompt, generate (one call for N samples per query), parse, map coordinates back to the original
 image, segment every object through the cached image embedding. Used by train.py (rollouts and
 held-out gIoU) and eval.py.
@@ -147,7 +147,7 @@ def segment_answers(seg, sample, texts, image_size, coord_mode, key=None):
 
 
 def sample_iou(pred, gt, ignore=None):
-    """-> (intersection, union) with ignore pixels removed (SPEC §12). Empty on empty: IoU 1."""
+    """-> (intersection, union) with ignore pixels removed (method §12). Empty on empty: IoU 1."""
     if ignore is not None:
         pred, gt = pred & ~ignore, gt & ~ignore
     return int((pred & gt).sum()), int((pred | gt).sum())

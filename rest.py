@@ -1,4 +1,4 @@
-"""rest.py: REST, Rollout-Expanded Selective-Tuning (SPEC §9). Sample N rollouts per prompt, score
+"""rest.py: REST, Rollout-Expanded Selective-Tuning (method §9). Sample N rollouts per prompt, score
 them all, and train on only M of them: the M//2 best and the M - M//2 worst. A large N makes it
 likelier that a hard prompt has at least one success to learn from, while the update costs the same
 as plain GRPO with M rollouts.
@@ -14,7 +14,7 @@ from grpo import group_advantages
 
 
 def select(rewards, m):
-    """(B, N) rewards -> (B, min(N, m)) LongTensor of the rollouts to keep, per prompt (SPEC §9).
+    """(B, N) rewards -> (B, min(N, m)) LongTensor of the rollouts to keep, per prompt (method §9).
 
     N > m: the m//2 highest rewards, then the m - m//2 lowest, best first. Both halves come from one
     stable descending sort (ties: lower rollout index ranks higher), so no rollout can be picked
@@ -34,7 +34,7 @@ def rest_stats(rewards, idx, m, success):
     """What REST did in one step, as floats for the training log.
 
     rewards: (B, N) totals; idx: (B, M') from select; success: (B, N) bool "correct" rollouts
-    (SPEC §5: matched mean tier >= 2), in sampling order.
+    (method §5: matched mean tier >= 2), in sampling order.
       any_success_all / any_success_first_m: fraction of prompts with at least one success among
         all N rollouts vs among the first m sampled (= what plain GRPO with m rollouts would see);
         the difference is the point of REST.

@@ -8,7 +8,7 @@
 
 Why the odd settings: with head_dim 32 the default rope_theta 1e6 makes image rows/columns nearly
 indistinguishable to the LM; theta 10 and more rotary dims for height/width (mrope [2,7,7]) let a
-tiny model read positions (../shared/notes/sandbox-learnability.md). Numbers are whole tokens.
+tiny model read positions (docs/experiments.md, "Stage 0"). Numbers are whole tokens.
 Tested by: python -m pytest tests/test_model.py
 """
 import os, re
@@ -34,8 +34,7 @@ def _tokenizer(corpus, max_number, special_ids=None):
     numbers = [str(i) for i in range(max_number + 1)]  # whole-number tokens: 0..max_number
     texts = list(corpus) + [' '.join(numbers), CHAT_TEMPLATE, '\n \n\n  ', 'user assistant system']
     if special_ids:
-        import re as _re
-        pieces = sorted({p for t in texts for p in _re.findall(PIECES, t)} - set(SPECIAL))
+        pieces = sorted({p for t in texts for p in re.findall(PIECES, t)} - set(SPECIAL))
         vocab = {p: i for i, p in enumerate(pieces + ['<|unk|>'])} | special_ids
         tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token='<|unk|>'))
         tok.add_special_tokens(SPECIAL)

@@ -1,4 +1,4 @@
-"""Tests for data.py: the dataset loaders (SPEC §11), gt_point and resize_for_model (SPEC §3).
+"""Tests for data.py: the dataset loaders (method §11), gt_point and resize_for_model (method §3).
 
 Every fixture is written by hand into tmp_path (LISA-style folders, parquet, save_to_disk-style arrow);
 expected masks are stated pixel by pixel with numpy slices, not produced by the code under test.

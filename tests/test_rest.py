@@ -1,4 +1,4 @@
-"""Tests for rest.py (SPEC §9): hand-made reward tables, a brute-force python reference of the
+"""Tests for rest.py (method §9): hand-made reward tables, a brute-force python reference of the
 selection rule on random tied rewards, and the statistics against hand-computed values.
 Run: python -m pytest -q tests/test_rest.py
 """
