@@ -2,10 +2,10 @@
 way on identical inputs, run side by side (interleaved, medians over repeats) so a busy machine slows both
 alike; each comparison also checks both sides agree. 1 rewards: one SAM encode per image + one decoder
 batch vs set_image per rollout (method §4). 2 voting: one Gram matrix vs a per-pair loop (§10). 3 GRPO step:
-KL reference = adapters off vs a model copy (§6). 4 LoRA vs full fine-tuning (§7). 5 batched generation.
-6 sandbox wall times from runs/*/log.jsonl. 8 log-prob memory at the real vocabulary. 9 the vision tower once per
-prompt vs once per rollout row. 10 smoke.py on CPU at the real widths (on a GPU, run smoke.py itself). A
-measurement, not a test: OMP_NUM_THREADS=1 nice -n 19 python bench.py [--quick] [--only reward,vote,...]"""
+KL reference = adapters off vs a model copy (§6). 4 LoRA vs full fine-tuning (§7). 5 rollouts in one generate call.
+6 sandbox wall times from runs/*/log.jsonl. bench_scale.py has the figures at the real model's sizes, and
+bench_shard.py the memory of --shard. A measurement, not a test:
+OMP_NUM_THREADS=1 nice -n 19 python bench.py [--quick] [--only reward,vote,...]"""
 import argparse, contextlib, copy, datetime, functools, glob, itertools, json, os, statistics, sys, tempfile, time
 os.environ.setdefault('KINETO_LOG_LEVEL', '6')  # silence the CPU memory profiler's per-call chatter
 import numpy as np
@@ -15,24 +15,16 @@ import transformers
 import data, grpo, lora, pipeline, rewards, segment, vote, world
 import model as M
 
-ALL = 'reward,vote,grpo,lora,generate,logs,logprob,vision,smoke'
-p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-p.add_argument('--only', default=ALL, help=f'comma-separated subset of {ALL}')
-p.add_argument('--quick', action='store_true', help='fewer repeats, smaller sizes, no G=64 (~2 min)')
-p.add_argument('--out', default='runs/bench.md', help='where the markdown table is written')
-args = p.parse_args()
-if not set(args.only.split(',')) <= set(ALL.split(',')):
-    p.error(f'--only: choose from {ALL}')
-Q, REPS, T0 = args.quick, 3 if args.quick else 7, time.time()
+Q, REPS, T0 = False, 7, time.time()  # --quick: fewer repeats and smaller sizes (set by run)
 KL, PROMPT = 5e-3, 'find: {question}'  # the predecessors' k3 coefficient (method §6); the sandbox prompt
 transformers.utils.logging.disable_progress_bar()
 rows = []  # (figure, ours, baseline, ratio, target, met)
 
-def race(fns, n=REPS, warm=True):
-    """An untimed warm-up round (if warm), then n rounds each running every fn once, in turn.
-    -> (median wall seconds per fn, each fn's last result)."""
+def race(fns, n=None, warm=True):
+    """An untimed warm-up round (if warm), then n (default REPS) rounds each running every fn once, in
+    turn. -> (median wall seconds per fn, each fn's last result)."""
     outs, ts = [f() if warm else None for f in fns], [[] for _ in fns]
-    for _ in range(n):
+    for _ in range(n or REPS):
         for i, f in enumerate(fns):
             t = time.perf_counter()
             outs[i] = f()
@@ -57,7 +49,8 @@ def peak_mb(fn, device, resident=0):
         return (resident + torch.cuda.max_memory_allocated() - base) / 2 ** 20
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    ev = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'), key=lambda e: e.start_ns())
+    ev = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'),
+                key=lambda e: e.start_ns())
     return (resident + max(itertools.accumulate((e.nbytes() for e in ev), initial=0))) / 2 ** 20
 
 def bench_reward():  # both segmenters, random weights: SAM v1 vit_b, and the paper's SAM 2.1 Hiera-L (method §4)
@@ -77,7 +70,8 @@ def reward_ratio(seg, name):
     sample = data.Sample(id='bench', image=img, query='q', masks=gt)
     def text():  # one rollout: 3 objects jittered around the GT, coordinates in image pixels
         objs = [{'label': 'x', 'bbox_2d': [50 + 200 * i + x, 100 + y, 150 + 200 * i + x, 200 + y],
-                 'point_2d': [100 + 200 * i + x, 150 + y]} for i, (x, y) in enumerate(rng.integers(-20, 21, (3, 2)).tolist())]
+                 'point_2d': [100 + 200 * i + x, 150 + y]}
+                for i, (x, y) in enumerate(rng.integers(-20, 21, (3, 2)).tolist())]
         return f'<think>t</think><answer>{json.dumps(objs)}</answer>'
     texts = [text() for _ in range(64)]
     calls, real = [], seg.predict_batch  # record every decoder output, to compare the two paths
@@ -112,10 +106,12 @@ def bench_vote():
     yy, xx = np.ogrid[:S, :S]
     bases = rng.uniform([.2 * S, .2 * S, .05 * S, .05 * S], [.8 * S, .8 * S, .15 * S, .15 * S], (3, 4))
     def obj(j, b):  # a jittered copy of base ellipse j; 15% of the time a small spurious one
-        y, x, ry, rx = b + rng.integers(-3, 4, 4) if rng.random() > .15 else rng.uniform([0, 0, 5, 5], [S, S, .05 * S, .05 * S])
+        y, x, ry, rx = (b + rng.integers(-3, 4, 4) if rng.random() > .15
+                        else rng.uniform([0, 0, 5, 5], [S, S, .05 * S, .05 * S]))
         return torch.from_numpy(((yy - y) / ry) ** 2 + ((xx - x) / rx) ** 2 <= 1), float(rng.random()), f'obj{j}'
     samples = [[obj(j, b) for j, b in enumerate(bases)] for _ in range(32)]  # 32 × 3 (mask (S, S), score, label)
-    (t, t_ref), (ours, ref) = race([lambda: vote.majority_vote(samples), lambda: reference_vote(samples)], 2 if Q else 5)
+    (t, t_ref), (ours, ref) = race([lambda: vote.majority_vote(samples), lambda: reference_vote(samples)],
+                                   2 if Q else 5)
     same = np.array_equal(ours[0].numpy(), ref[0])
     add(f'2. majority_vote, 32 samples × 3 objects, {S}², output identical: {"yes" if same else "**no**"}',
         f'{t * 1e3:.0f} ms', f'{t_ref * 1e3:.0f} ms (tests/test_vote.reference_vote)', f'{t_ref / t:.1f}×',
@@ -131,8 +127,10 @@ def rollout_batch(proc, n):
     """n world samples; teacher answers stand in for rollouts (the last tokens of each left-padded row)."""
     ss = world.dataset('val', n)
     ans = [world.answer_text(s, (112, 112)) for s in ss]
-    b = M.make_inputs(proc, [data.resize_for_model(s.image, 112) for s in ss], [M.build_prompt(s.query, PROMPT) for s in ss], ans)
-    n = torch.tensor([[len(proc.tokenizer(a + '<|im_end|>', add_special_tokens=False).input_ids)] for a in ans])  # (B, 1)
+    b = M.make_inputs(proc, [data.resize_for_model(s.image, 112) for s in ss],
+                      [M.build_prompt(s.query, PROMPT) for s in ss], ans)
+    n = torch.tensor([[len(proc.tokenizer(a + '<|im_end|>', add_special_tokens=False).input_ids)]
+                      for a in ans])  # (B, 1)
     return dict(b, response_mask=torch.arange(b['input_ids'].shape[1]).flip(0) < n)  # (B, T): the last n[b] tokens
 
 def update(net, batch, kl=0.0, ref_net=None):
@@ -169,7 +167,8 @@ def bench_grpo(net=None, batch=None, tag=None, reps=REPS):
     add(f'3a. GRPO step peak memory, KL (adapters off) vs no KL, {tag}',
         f'{mem[1]:.0f} MB', f'{mem[0]:.0f} MB', f'{mem[1] / mem[0]:.2f}×', '≤ 1.1×', mem[1] / mem[0] <= 1.1)
     add(f'3b. … vs KL with a deepcopy reference model; ref log-probs identical: {"yes" if same else "**no**"}',
-        f'{mem[1]:.0f} MB', f'{mem[2]:.0f} MB (+{nbytes(ref_net) / 2 ** 20:.0f} MB weights)', f'{mem[2] / mem[1]:.2f}× less')
+        f'{mem[1]:.0f} MB', f'{mem[2]:.0f} MB (+{nbytes(ref_net) / 2 ** 20:.0f} MB weights)',
+        f'{mem[2] / mem[1]:.2f}× less')
     add(f'3c. GRPO step time, KL (adapters off) vs no KL, {tag}', f'{t[1] * 1e3:.0f} ms',
         f'{t[0] * 1e3:.0f} ms (deepcopy ref: {t[2] * 1e3:.0f} ms)', f'{t[1] / t[0]:.2f}× time')
 
@@ -184,19 +183,21 @@ def bench_lora():
         f'{t_f / t_l:.2f}× time, {1 / share:.0f}× fewer trained')
 
 def bench_generate():
-    (net, proc), L, s = tiny(), 16 if Q else 48, world.sample('val', 0)
-    net.generation_config.min_new_tokens = L  # no early EOS: both sides make exactly L tokens per rollout
-    gen = lambda n: pipeline.generate(net, proc, [s], PROMPT, 112, n=n, greedy=False, max_new_tokens=L)
-    for G in (8, 16):
-        (t_b, t_s), ((_, _, mask, _), _) = race([lambda: gen(G), lambda: [gen(1) for _ in range(G)]], 2 if Q else 3)
-        assert mask.sum(1).eq(L).all(), 'rollouts of unequal length: the comparison would be unfair'
-        add(f'5. rollout generation, G={G}, {L} new tokens, tiny model', f'{G / t_b:.1f} seq/s',
-            f'{G / t_s:.1f} seq/s (G calls)', f'{t_s / t_b:.1f}×')
+    net, proc = M.load_policy('sandbox/stage0')  # the shipped base: answers of realistic lengths
+    ss, G = world.dataset('train', 8, families=('P/F', 'C/KI', 'C/R', 'C/MH')), 8 if Q else 16
+    gen = lambda chunk: pipeline.generate(net, proc, ss, PROMPT, 112, n=G, greedy=False, max_new_tokens=160,
+                                          keys=range(8), chunk=chunk)
+    (t_all, t_one), (ours, base) = race([lambda: gen(None), lambda: gen(G)], 1 if Q else 2)
+    same = [r.texts for r in ours] == [r.texts for r in base]
+    add(f'5. rollouts of one sandbox step, 8 prompts × {G}, shipped base; same rollouts: '
+        f'{"yes" if same else "**no**"}',
+        f'{t_all:.1f} s (one generate call)', f'{t_one:.1f} s (a call per prompt)', f'{t_one / t_all:.1f}×')
 
 def bench_logs():
     for st in (0, 1, 2):
         f = f'runs/stage{st}/log.jsonl'  # skip a line still being written; a re-run step counts once (its last)
-        recs = list({(r := json.loads(x))['step']: r for x in open(f) if x.endswith('\n')}.values()) if os.path.isfile(f) else []
+        lines = open(f).readlines() if os.path.isfile(f) else []
+        recs = list({(r := json.loads(x))['step']: r for x in lines if x.endswith('\n')}.values())
         tot = {k: sum(r.get(k, 0.0) for r in recs) / 60 for k in ('sec', 't_generate', 't_reward', 't_update')}
         parts = ', '.join(f'{k[2:]} {v:.1f}' for k, v in tot.items() if v and k != 'sec')
         add(f'6. `python train.py --stage 2`: stage {st} wall time, steps only (no held-out evals)',
@@ -205,91 +206,42 @@ def bench_logs():
     for vote_n in (1, 8):  # eval writes its own wall time into summary.json
         runs = [json.load(open(f)) for f in sorted(glob.glob('runs/eval/*/summary.json'))]
         secs = [r['seconds'] for r in runs if r.get('vote') == vote_n and 'seconds' in r]
-        add(f'6. `python eval.py{" --vote 8" if vote_n > 1 else ""}` wall time ({runs[-1]["n"] if runs else "?"} queries)',
+        queries = runs[-1]['n'] if runs else '?'
+        add(f'6. `python eval.py{" --vote 8" if vote_n > 1 else ""}` wall time ({queries} queries)',
             f'{secs[-1] / 60:.1f} min (newest)' if secs else 'not measured yet')
 
-def narrow_policy(arch='qwen2.5-vl-7b', vocab=151936, vision=None):
-    """A real configuration's classes and vocabulary, one narrow layer (hidden 128), random weights, LoRA r 8."""
-    import tiny
-    text = dict(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_attention_heads=1,
-                num_key_value_heads=1, head_dim=128)
-    d = tiny.build_config_dir(tempfile.mkdtemp(prefix='bench_'), arch, layers=1, vision_layers=1 if vision is None else None,
-                              text=text, vision=vision or dict(hidden_size=64, intermediate_size=128, num_heads=2,
-                                                               out_hidden_size=128))
-    torch.manual_seed(0)
-    net, proc = M.load_model(d, random_init=True), M.load_processor(d)
-    lora.apply_lora(net, r=8, alpha=8)
-    return net, proc
+def run(figures, description):
+    """The command line of bench.py and bench_scale.py: run the chosen figures, print and write the table."""
+    global Q, REPS
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument('--only', default=','.join(figures), help=f'comma-separated subset of {",".join(figures)}')
+    p.add_argument('--quick', action='store_true', help='fewer repeats and smaller sizes')
+    p.add_argument('--out', default=f'runs/{os.path.basename(sys.argv[0])[:-3]}.md', help='the markdown table')
+    args = p.parse_args()
+    if not set(args.only.split(',')) <= set(figures):
+        p.error(f'--only: choose from {",".join(figures)}')
+    Q, REPS = args.quick, 3 if args.quick else 7
+    for name in args.only.split(','):
+        print(f'[bench] {name} ...', flush=True)
+        figures[name]()
+    cpu = next((x.split(':', 1)[1].strip() for x in open('/proc/cpuinfo') if x.startswith('model name')), '?')
+    cuda = f'CUDA: {torch.cuda.get_device_name()}' if torch.cuda.is_available() else 'no CUDA'
+    threads = os.environ.get('OMP_NUM_THREADS', '(unset)')
+    cmd = f'OMP_NUM_THREADS={threads} nice -n {os.nice(0)} python {" ".join(sys.argv)}'
+    out = '\n'.join([
+        f'{datetime.datetime.now():%Y-%m-%d %H:%M}, {time.time() - T0:.0f} s: nproc {os.cpu_count()}, {cpu}, torch '
+        f'{torch.__version__} ({torch.get_num_threads()} thread), load average '
+        f'{open("/proc/loadavg").read().split()[0]}, '
+        f'{cuda}. Command: `{cmd}`. Ours and the baseline run in one process on identical inputs, interleaved; on a '
+        'shared machine absolute times are inflated on both sides alike: the ratios are the result. Times are '
+        'medians over repeats, except single runs where a row says so.', '',
+        '| figure | ours | baseline | ratio | target | met? |', '|---|---|---|---|---|---|',
+        *('| ' + ' | '.join(r) + ' |' for r in rows)])
+    print('\n' + out)
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+    open(args.out, 'w').write(out + '\n')
 
-def update_batch(proc, rows, resp, side=56):
-    """rows copies of one prompt (a side² image) + resp random response tokens, as train.py's update sees them."""
-    from PIL import Image
-    b = M.make_inputs(proc, [Image.new('RGB', (side, side))], ['find the red cup'])
-    ids = torch.cat([b['input_ids'], torch.randint(100, 1000, (1, resp))], 1).expand(rows, -1)
-    mask = torch.arange(ids.shape[1]).expand(rows, -1) >= b['input_ids'].shape[1]
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), response_mask=mask,
-                image_grid_thw=b['image_grid_thw'].expand(rows, -1), pixel_values=b['pixel_values'].repeat(rows, 1))
 
-def straightforward_logprobs(net, batch):
-    """All logits in fp32, log_softmax over the vocabulary, gather: the way that keeps (T, V) alive."""
-    kw = {k: v for k, v in batch.items() if k != 'response_mask'}
-    kw['mm_token_type_ids'] = (batch['input_ids'] == net.config.image_token_id).int()  # M-RoPE needs it
-    logp = net(**kw).logits[:, :-1].float().log_softmax(-1).gather(-1, batch['input_ids'][:, 1:, None])[..., 0]
-    return logp * batch['response_mask'][:, 1:]
-
-def bench_logprob():
-    net, proc = narrow_policy()
-    batch = update_batch(proc, 1, 2048)
-    step = lambda fn: fn(net, batch).sum().backward()
-    ours, base = [peak_mb(lambda f=f: step(f), 'cpu') for f in (grpo.token_logprobs, straightforward_logprobs)]
-    with torch.no_grad():
-        same = torch.allclose(grpo.token_logprobs(net, batch)[:, 1:], straightforward_logprobs(net, batch), atol=1e-4)
-    add(f'8. log-prob + backward peak memory, vocabulary 151,936, 2,048 response tokens, hidden 128 (CPU); '
-        f'log-probs equal: {"yes" if same else "**no**"}', f'{ours:.0f} MB (lm_head in checkpointed 256-token chunks)',
-        f'{base:.0f} MB (all logits, fp32 log_softmax)', f'{ours / base:.2f}×', '≤ 0.25×', ours / base <= 0.25 and same)
-
-def bench_vision():
-    vision = dict(out_hidden_size=128)  # Qwen2.5-VL-7B's vision tower as released: 32 blocks, width 1280
-    net, proc = narrow_policy(vision=vision)
-    rows, batch = 8, update_batch(proc, 8, 64, side=224)
-    def once():  # the update's way: the tower's output from generation, shared by the rows
-        with torch.no_grad():
-            out = net.model.get_image_features(batch['pixel_values'][:256], batch['image_grid_thw'][:1], return_dict=True)
-        cached = {**{k: v for k, v in batch.items() if k != 'pixel_values'}, 'vision': grpo.select_images(out, [0] * rows)}
-        grpo.token_logprobs(net, cached, micro_batch=rows).sum().backward()
-    per_row = lambda: grpo.token_logprobs(net, batch, micro_batch=rows).sum().backward()
-    (t_once, t_rows), _ = race([once, per_row], 1, warm=False)
-    add(f'9. update step time, {rows} rollout rows of one 224² prompt, Qwen2.5-VL-7B vision tower (32 blocks, '
-        f'width 1280), one narrow LM layer (CPU)', f'{t_once:.1f} s (tower once per prompt)',
-        f'{t_rows:.1f} s (tower once per row)', f'{t_rows / t_once:.1f}×')
-
-def bench_smoke():
-    import re, subprocess
-    for arch in ('qwen2.5-vl-7b', 'qwen3-vl-8b'):
-        cmd = [sys.executable, 'smoke.py', '--arch', arch, '--device', 'cpu', '--layers', '1', '--rollouts', '2',
-               '--group', '2', '--max-new-tokens', '8']
-        t = time.time()
-        out = subprocess.run(cmd, capture_output=True, text=True).stdout
-        steps = re.findall(r'step \d+: step ([\d.]+) s', out)
-        moved = re.search(r'lora_A: ([\d.]+)% of ([\d,]+)', out)
-        add(f'10. `{" ".join(cmd[1:])}`: real widths and vocabulary, 1 layer per tower (CPU)',
-            f'steps {" / ".join(steps)} s, lora_A moved {moved.group(1) if moved else "?"}% ({time.time() - t:.0f} s '
-            'with the random init)' if steps else '**failed**')
-
-for name in args.only.split(','):
-    print(f'[bench] {name} ...', flush=True)
-    globals()[f'bench_{name}']()
-cpu = next((x.split(':', 1)[1].strip() for x in open('/proc/cpuinfo') if x.startswith('model name')), '?')
-cuda = f'CUDA: {torch.cuda.get_device_name()}' if torch.cuda.is_available() else 'no CUDA'
-cmd = f'OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "(unset)")} nice -n {os.nice(0)} python {" ".join(sys.argv)}'
-out = '\n'.join([
-    f'{datetime.datetime.now():%Y-%m-%d %H:%M}, {time.time() - T0:.0f} s: nproc {os.cpu_count()}, {cpu}, torch '
-    f'{torch.__version__} ({torch.get_num_threads()} thread), load average {open("/proc/loadavg").read().split()[0]}, '
-    f'{cuda}. Command: `{cmd}`. Ours and the baseline run in one process on identical inputs, interleaved; '
-    'on a shared machine absolute times are inflated on both sides alike: the ratios are the result. Times '
-    'are medians over repeats, except figure 1 (single runs, see its rows).', '',
-    '| figure | ours | baseline | ratio | target | met? |', '|---|---|---|---|---|---|',
-    *('| ' + ' | '.join(r) + ' |' for r in rows)])
-print('\n' + out)
-os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-open(args.out, 'w').write(out + '\n')
+if __name__ == '__main__':
+    run(dict(reward=bench_reward, vote=bench_vote, grpo=bench_grpo, lora=bench_lora, generate=bench_generate,
+             logs=bench_logs), __doc__.split('\n')[0])

@@ -5,8 +5,10 @@ from the formulas below): per-GPU memory at Qwen2.5-VL-7B and Qwen3-VL-32B, one 
 over the 8 GPUs of a node. A measurement, not a test (bench.py holds the other figures):
   OMP_NUM_THREADS=1 python bench_shard.py [--only measured,estimate]
 """
-import argparse, itertools, json, os, subprocess, sys, tempfile
+import argparse, json, os, subprocess, sys, tempfile
 import torch
+
+from bench import peak_mb  # peak MB of tensors allocated while a function runs (profiler events)
 
 GB, MB = 2 ** 30, 2 ** 20
 # Qwen3-VL-32B: the public config.json of a Qwen3-VL-32B checkpoint (huggingface.co/quanliang/F1; text tower
@@ -14,15 +16,6 @@ GB, MB = 2 ** 30, 2 ** 20
 QWEN3_32B = dict(text=dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
                            num_key_value_heads=8, head_dim=128), vision=dict(out_hidden_size=5120))
 SHARDS, ROWS, TOKENS, PROMPT, MICRO, R, CHUNK = 8, 64, 3000, 1000, 8, 64, 512
-
-
-def peak_mb(fn):
-    """Peak MB of torch tensors allocated minus freed while fn runs (CPU: the profiler's memory events)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    ev = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'),
-                key=lambda e: e.start_ns())
-    return max(itertools.accumulate((e.nbytes() for e in ev), initial=0)) / MB
 
 
 def held_mb(net, opt):
@@ -61,7 +54,7 @@ def worker(mode, base, out):
     step(0)
     held = held_mb(net, opt)
     with open(os.path.join(out, f'{mode}{rank}.json'), 'w') as f:
-        json.dump(dict(held=held, peak=held + peak_mb(lambda: step(1))), f)
+        json.dump(dict(held=held, peak=held + peak_mb(lambda: step(1), 'cpu')), f)
 
 
 def measured():
