@@ -100,12 +100,16 @@ def object_fields(item):
 
 def parse_answer(text):
     """Model output -> its objects [{'label', 'bbox_2d', 'point_2d'}] (invalid fields None), at most
-    MAX_OBJECTS; [] for "no object"; None when nothing parsable is there. Never raises.
+    MAX_OBJECTS; [] for "no object"; None when nothing parsable is there. Never raises."""
+    return answer_objects(answer_items(text) if isinstance(text, str) else None)
+
+
+def answer_objects(items):
+    """answer_items' list -> the objects parse_answer returns (split so that a reward decodes a text once).
     An object is a dict item with a valid box or point: items with neither ({}, a bare label) are not
     objects, so [{}] is a "no object" answer and [A, {}] is [A]. Other items (numbers, strings) are
     skipped; an answer made only of them is unparsable."""
     try:
-        items = answer_items(text) if isinstance(text, str) else None
         if items is None or (items and not any(isinstance(o, dict) for o in items)):
             return None
         objects = []
@@ -179,7 +183,11 @@ def to_original(objects, orig_wh, input_wh, coord_mode='pixel'):
 
 def place_answers(texts, orig_wh, input_wh, coord_mode='pixel'):
     """Answers -> per answer its objects in original pixels, or None where unparsable."""
-    objects = [parse_answer(t) for t in texts]
+    return place_objects([parse_answer(t) for t in texts], orig_wh, input_wh, coord_mode)
+
+
+def place_objects(objects, orig_wh, input_wh, coord_mode='pixel'):
+    """parse_answer's objects (one list or None per answer) -> the same in original pixels."""
     return [None if o is None else to_original(o, orig_wh, input_wh, coord_mode) for o in objects]
 
 
