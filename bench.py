@@ -3,8 +3,9 @@ way on identical inputs, run side by side (interleaved, medians over repeats) so
 alike; each comparison also checks both sides agree. 1 rewards: one SAM encode per image + one decoder
 batch vs set_image per rollout (SPEC §4). 2 voting: one Gram matrix vs a per-pair loop (§10). 3 GRPO step:
 KL reference = adapters off vs a model copy (§6). 4 LoRA vs full fine-tuning (§7). 5 batched generation.
-6 sandbox wall times from runs/*/log.jsonl. 7 the Qwen2.5-VL-7B configuration (CUDA only). A measurement,
-not a test: OMP_NUM_THREADS=1 nice -n 19 python bench.py [--quick] [--only reward,vote,grpo,lora,...]"""
+6 sandbox wall times from runs/*/log.jsonl. 8 log-prob memory at the real vocabulary. 9 the vision tower once per
+prompt vs once per rollout row. 10 smoke.py on CPU at the real widths (on a GPU, run smoke.py itself). A
+measurement, not a test: OMP_NUM_THREADS=1 nice -n 19 python bench.py [--quick] [--only reward,vote,...]"""
 import argparse, contextlib, copy, datetime, functools, glob, itertools, json, os, statistics, sys, tempfile, time
 os.environ.setdefault('KINETO_LOG_LEVEL', '6')  # silence the CPU memory profiler's per-call chatter
 import numpy as np
@@ -14,7 +15,7 @@ import transformers
 import data, grpo, lora, pipeline, rewards, segment, vote, world
 import model as M
 
-ALL = 'reward,vote,grpo,lora,generate,logs,gpu'
+ALL = 'reward,vote,grpo,lora,generate,logs,logprob,vision,smoke'
 p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
 p.add_argument('--only', default=ALL, help=f'comma-separated subset of {ALL}')
 p.add_argument('--quick', action='store_true', help='fewer repeats, smaller sizes, no G=64 (~2 min)')
@@ -59,10 +60,16 @@ def peak_mb(fn, device, resident=0):
     ev = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'), key=lambda e: e.start_ns())
     return (resident + max(itertools.accumulate((e.nbytes() for e in ev), initial=0))) / 2 ** 20
 
-def bench_reward():
+def bench_reward():  # both segmenters, random weights: SAM v1 vit_b, and the paper's SAM 2.1 Hiera-L (method §4)
     from segment_anything import sam_model_registry
+    from transformers import Sam2ImageProcessor, Sam2Model, Sam2Processor
+    import sam2
     torch.manual_seed(0)
-    seg = segment.SamSegmenter(sam_model_registry['vit_b'](checkpoint=None).eval())
+    reward_ratio(segment.SamSegmenter(sam_model_registry['vit_b'](checkpoint=None).eval()), 'vit_b SAM')
+    hiera_l = Sam2Model(sam2.hiera_l_config()).eval()
+    reward_ratio(sam2.Sam2Segmenter(hiera_l, Sam2Processor(Sam2ImageProcessor())), 'SAM 2.1 Hiera-L')
+
+def reward_ratio(seg, name):
     rng, (H, W), k = np.random.default_rng(0), (480, 640), 1 if Q else 2
     img = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
     ys, xs = np.ogrid[:H, :W]  # 3 GT boxes side by side, (3, H, W)
@@ -89,13 +96,14 @@ def bench_reward():
     t_naive, n_enc = statistics.median(t for t, _ in per), seg.encoder_calls - enc0
     diff = sum(int((c[0][0] != b).sum()) for c, b in zip(calls[-3 * k:], batched[:3 * k]))
     same = diff == 0 and all(r == o for (_, r), o in zip(per, got))
-    add(f'1. masks and rewards identical (first {k} rollouts)', 'yes' if same else f'**no** ({diff} px differ)')
+    add(f'1. {name}: masks and rewards identical (first {k} rollouts)', 'yes' if same else f'**no** ({diff} px differ)')
     for G in (16,) if Q else (16, 64):
         t = t16 if G == 16 else once(lambda: ours(64))[0]
         base, tgt = t_naive * G, 10 if G == 16 else 30
-        add(f'1. reward scoring, G={G} × 3 objects, vit_b SAM (random weights), 640×480 image',
-            f'{t:.1f} s (1 encode, 1 decoder batch)', f'{base:.0f} s = {t_naive:.1f} s × {G} (median of {k} '
-            f'rollouts: {n_enc} encodes, {3 * k} decoder calls; scaled)',
+        add(f'1. reward scoring, G={G} × 3 objects, {name} (random weights), 640×480 image',
+            f'{t:.1f} s (1 encode, decoder chunks of {seg.chunk})',
+            f'{base:.0f} s = {t_naive:.1f} s × {G} (median of {k} rollouts: {n_enc} encodes, '
+            f'{3 * k} decoder calls; scaled)',
             f'{base / t:.1f}×', f'≥ {tgt}×', base / t >= tgt)
 
 def bench_vote():
@@ -194,42 +202,79 @@ def bench_logs():
         add(f'6. `python train.py --stage 2`: stage {st} wall time, steps only (no held-out evals)',
             f'{sum(tot.values()):.1f} min{f" ({parts})" if parts else ""}, {len(recs)} distinct steps logged '
             f'(up to step {max(r["step"] for r in recs)})' if recs else 'not measured yet')
-    secs = [r['sec'] for f in glob.glob('runs/eval*/*.jsonl') for x in open(f) if x.endswith('\n')
-            for r in [json.loads(x)] if 'sec' in r]
-    add('6. `python eval.py --vote 8` wall time', f'{sum(secs) / 60:.1f} min' if secs else 'not measured yet')
+    for vote_n in (1, 8):  # eval writes its own wall time into summary.json
+        runs = [json.load(open(f)) for f in sorted(glob.glob('runs/eval/*/summary.json'))]
+        secs = [r['seconds'] for r in runs if r.get('vote') == vote_n and 'seconds' in r]
+        add(f'6. `python eval.py{" --vote 8" if vote_n > 1 else ""}` wall time ({runs[-1]["n"] if runs else "?"} queries)',
+            f'{secs[-1] / 60:.1f} min (newest)' if secs else 'not measured yet')
 
-QWEN25_7B = dict(  # Qwen2.5-VL-7B-Instruct's config.json (random weights); then the sizes of the check
-    text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-              num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, eos_token_id=151645,
-              pad_token_id=151643, rope_parameters={'rope_type': 'default', 'rope_theta': 1e6, 'mrope_section': [16, 24, 24]}),
-    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-    side=448, rows=8, resp=256, gen=64)
-IMG, V0, V1 = 151655, 151652, 151653  # Qwen2.5-VL's <|image_pad|>, <|vision_start|>, <|vision_end|>
+def narrow_policy(arch='qwen2.5-vl-7b', vocab=151936, vision=None):
+    """A real configuration's classes and vocabulary, one narrow layer (hidden 128), random weights, LoRA r 8."""
+    import tiny
+    text = dict(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_attention_heads=1,
+                num_key_value_heads=1, head_dim=128)
+    d = tiny.build_config_dir(tempfile.mkdtemp(prefix='bench_'), arch, layers=1, vision_layers=1 if vision is None else None,
+                              text=text, vision=vision or dict(hidden_size=64, intermediate_size=128, num_heads=2,
+                                                               out_hidden_size=128))
+    torch.manual_seed(0)
+    net, proc = M.load_model(d, random_init=True), M.load_processor(d)
+    lora.apply_lora(net, r=8, alpha=8)
+    return net, proc
 
-def bench_gpu(cfg=QWEN25_7B, dev='cuda', tag='Qwen2.5-VL-7B config, bf16'):
-    if dev == 'cuda' and not torch.cuda.is_available():
-        return add('7. GPU figures (Qwen2.5-VL-7B config)', 'skipped: no CUDA on this machine')
-    c = transformers.Qwen2_5_VLConfig(text_config=cfg['text'], vision_config=cfg['vision'], image_token_id=IMG,
-                                      vision_start_token_id=V0, vision_end_token_id=V1, video_token_id=151656)
-    with torch.device(dev):  # random init on the device itself, in bf16 there
-        net = transformers.Qwen2_5_VLForConditionalGeneration._from_config(c, dtype=torch.bfloat16 if dev == 'cuda' else None)
-    g, B, R = cfg['side'] // 14, cfg['rows'], cfg['resp']  # g*g patches per image, 2x2 patches -> 1 token
-    txt = lambda n: torch.randint(1000, 150000, (B, n))
-    prompt = torch.cat([txt(30), torch.full((B, 1), V0), torch.full((B, g * g // 4), IMG), torch.full((B, 1), V1), txt(20)], 1)
-    ids, P = torch.cat([prompt, txt(R)], 1).to(dev), prompt.shape[1]  # (B, P + R)
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_grid_thw=torch.tensor([[1, g, g]] * B, device=dev),
-                 response_mask=torch.arange(P + R, device=dev).expand(B, -1) >= P,
-                 pixel_values=torch.randn(B * g * g, 1176, device=dev, dtype=net.dtype))  # (B*g*g, 3*2*14*14)
-    one = dict(input_ids=ids[:1, :P], attention_mask=batch['attention_mask'][:1, :P], mm_token_type_ids=(ids[:1, :P] == IMG).int(),
-               pixel_values=batch['pixel_values'][:g * g], image_grid_thw=batch['image_grid_thw'][:1])
-    gen = lambda n: (net.generate(**one, num_return_sequences=n, do_sample=True, max_new_tokens=cfg['gen'],
-                                  min_new_tokens=cfg['gen']), torch.cuda.synchronize() if dev == 'cuda' else None)
+def update_batch(proc, rows, resp, side=56):
+    """rows copies of one prompt (a side² image) + resp random response tokens, as train.py's update sees them."""
+    from PIL import Image
+    b = M.make_inputs(proc, [Image.new('RGB', (side, side))], ['find the red cup'])
+    ids = torch.cat([b['input_ids'], torch.randint(100, 1000, (1, resp))], 1).expand(rows, -1)
+    mask = torch.arange(ids.shape[1]).expand(rows, -1) >= b['input_ids'].shape[1]
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), response_mask=mask,
+                image_grid_thw=b['image_grid_thw'].expand(rows, -1), pixel_values=b['pixel_values'].repeat(rows, 1))
+
+def straightforward_logprobs(net, batch):
+    """All logits in fp32, log_softmax over the vocabulary, gather: the way that keeps (T, V) alive."""
+    kw = {k: v for k, v in batch.items() if k != 'response_mask'}
+    kw['mm_token_type_ids'] = (batch['input_ids'] == net.config.image_token_id).int()  # M-RoPE needs it
+    logp = net(**kw).logits[:, :-1].float().log_softmax(-1).gather(-1, batch['input_ids'][:, 1:, None])[..., 0]
+    return logp * batch['response_mask'][:, 1:]
+
+def bench_logprob():
+    net, proc = narrow_policy()
+    batch = update_batch(proc, 1, 2048)
+    step = lambda fn: fn(net, batch).sum().backward()
+    ours, base = [peak_mb(lambda f=f: step(f), 'cpu') for f in (grpo.token_logprobs, straightforward_logprobs)]
     with torch.no_grad():
-        t_b, t_s = race([lambda: gen(16), lambda: [gen(1) for _ in range(16)]], 1)[0]
-    add(f'7. rollout generation, G=16, {cfg["gen"]} new tokens, {tag}', f'{16 / t_b:.2f} seq/s',
-        f'{16 / t_s:.2f} seq/s (16 calls)', f'{t_s / t_b:.1f}×')
-    bench_grpo(net, batch, f'{tag}, {B} rollouts × {P + R} tokens', reps=2)
+        same = torch.allclose(grpo.token_logprobs(net, batch)[:, 1:], straightforward_logprobs(net, batch), atol=1e-4)
+    add(f'8. log-prob + backward peak memory, vocabulary 151,936, 2,048 response tokens, hidden 128 (CPU); '
+        f'log-probs equal: {"yes" if same else "**no**"}', f'{ours:.0f} MB (lm_head in checkpointed 256-token chunks)',
+        f'{base:.0f} MB (all logits, fp32 log_softmax)', f'{ours / base:.2f}×', '≤ 0.25×', ours / base <= 0.25 and same)
+
+def bench_vision():
+    vision = dict(out_hidden_size=128)  # Qwen2.5-VL-7B's vision tower as released: 32 blocks, width 1280
+    net, proc = narrow_policy(vision=vision)
+    rows, batch = 8, update_batch(proc, 8, 64, side=224)
+    def once():  # the update's way: the tower's output from generation, shared by the rows
+        with torch.no_grad():
+            out = net.model.get_image_features(batch['pixel_values'][:256], batch['image_grid_thw'][:1], return_dict=True)
+        cached = {**{k: v for k, v in batch.items() if k != 'pixel_values'}, 'vision': grpo.select_images(out, [0] * rows)}
+        grpo.token_logprobs(net, cached, micro_batch=rows).sum().backward()
+    per_row = lambda: grpo.token_logprobs(net, batch, micro_batch=rows).sum().backward()
+    (t_once, t_rows), _ = race([once, per_row], 1, warm=False)
+    add(f'9. update step time, {rows} rollout rows of one 224² prompt, Qwen2.5-VL-7B vision tower (32 blocks, '
+        f'width 1280), one narrow LM layer (CPU)', f'{t_once:.1f} s (tower once per prompt)',
+        f'{t_rows:.1f} s (tower once per row)', f'{t_rows / t_once:.1f}×')
+
+def bench_smoke():
+    import re, subprocess
+    for arch in ('qwen2.5-vl-7b', 'qwen3-vl-8b'):
+        cmd = [sys.executable, 'smoke.py', '--arch', arch, '--device', 'cpu', '--layers', '1', '--rollouts', '2',
+               '--group', '2', '--max-new-tokens', '8']
+        t = time.time()
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
+        steps = re.findall(r'step \d+: step ([\d.]+) s', out)
+        moved = re.search(r'lora_A: ([\d.]+)% of ([\d,]+)', out)
+        add(f'10. `{" ".join(cmd[1:])}`: real widths and vocabulary, 1 layer per tower (CPU)',
+            f'steps {" / ".join(steps)} s, lora_A moved {moved.group(1) if moved else "?"}% ({time.time() - t:.0f} s '
+            'with the random init)' if steps else '**failed**')
 
 for name in args.only.split(','):
     print(f'[bench] {name} ...', flush=True)

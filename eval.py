@@ -52,7 +52,8 @@ g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu
                help='torch device (default: cuda if there is one, else cpu)')
 r = p.add_argument_group('paper scale: a real checkpoint, SAM and data')
 r.add_argument('--model', metavar='DIR', help='base checkpoint dir (default: the adapter\'s base, else sandbox/stage0)')
-r.add_argument('--sam', metavar='FILE', help='segment-anything checkpoint (default: the world\'s colour segmenter)')
+r.add_argument('--sam', metavar='PATH', help='transformers SAM 2 / 2.1 checkpoint DIR or segment-anything FILE '
+               '(default: the world\'s colour segmenter)')
 r.add_argument('--sam-type', default='vit_h', choices=['vit_b', 'vit_l', 'vit_h'], help='SAM size (default: vit_h)')
 r.add_argument('--data', metavar='PATH', help='ReasonSeg folder or HF parquet/arrow rows (default: synthetic test)')
 r.add_argument('--skip-bad', action='store_true', help='skip corrupt rows of --data, counted in one warning')
@@ -176,9 +177,10 @@ ns = parse_curve(args.curve, args.vote)
 N = ns[-1]  # samples drawn per query; every curve point votes on a prefix of them
 if N > 1 and (args.temperature <= 0 or not 0 < args.top_p <= 1):
     fail(f'--temperature {args.temperature} / --top-p {args.top_p}: sampling needs temperature > 0 and 0 < top-p <= 1')
-for flag, path in [('--sam', args.sam), ('--prompt-file', args.prompt_file)]:
-    if path is not None and not os.path.isfile(path):
-        fail(f'{flag} {path}: no such file')
+if args.sam is not None and not os.path.exists(args.sam):
+    fail(f'--sam {args.sam}: no such file or folder')
+if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
+    fail(f'--prompt-file {args.prompt_file}: no such file')
 if args.data is not None and not os.path.exists(args.data):
     fail(f'--data {args.data}: no such file or folder')
 

@@ -39,23 +39,32 @@ def select_images(vision, index):
     return out
 
 
-def _chunk_logprobs(head, hidden, target):
-    """(c, H) hidden states, (c,) targets -> (c,) fp32 log p(target): logits of the chunk only."""
-    logits = head(hidden).float()                                              # (c, V)
+def _logits(head, hidden, banned=None):
+    """(c, H) hidden states -> (c, V) fp32 logits of the chunk only, the `banned` token ids (a LongTensor)
+    at -inf: excluded from the distribution as they were from sampling."""
+    logits = head(hidden).float()
+    return logits if banned is None else logits.index_fill(-1, banned, float('-inf'))
+
+
+def _chunk_logprobs(head, hidden, target, banned=None):
+    """(c, H) hidden states, (c,) targets -> (c,) fp32 log p(target)."""
+    logits = _logits(head, hidden, banned)                                     # (c, V)
     return logits.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
-def _chunk_logprobs_entropy(head, hidden, target):
-    """As _chunk_logprobs, plus (c,) the entropy of the whole next-token distribution,
-    H = -Σ_v p_v log p_v, from the same (c, V) logits."""
-    logp = torch.log_softmax(head(hidden).float(), -1)                         # (c, V)
-    return logp.gather(-1, target[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+def _chunk_logprobs_entropy(head, hidden, target, banned=None):
+    """As _chunk_logprobs, plus (c,) the entropy of the whole next-token distribution (banned ids
+    excluded), H = -Σ_v p_v log p_v, from the same (c, V) logits."""
+    logp = torch.log_softmax(_logits(head, hidden, banned), -1)                # (c, V), -inf at banned ids
+    plogp = logp.exp() * logp.masked_fill(logp == float('-inf'), 0.0)          # 0 there, not 0 * -inf = NaN
+    return logp.gather(-1, target[:, None]).squeeze(-1), -plogp.sum(-1)
 
 
-def token_logprobs(model, batch, micro_batch=8, token_chunk=512, with_entropy=False):
+def token_logprobs(model, batch, micro_batch=8, token_chunk=256, with_entropy=False):
     """(B, T) fp32: [b, t] = log p(input_ids[b,t] | input_ids[b,:t]) where response_mask is True
     (t >= 1), 0 elsewhere. One image per row: `pixel_values` (prod(image_grid_thw[i]) patches per
-    image) or a precomputed vision output `vision` with one entry per row (select_images).
+    image) or a precomputed vision output `vision` with one entry per row (select_images). Optional
+    `banned`: token ids the sampling distribution excluded (pipeline.vision_tokens), excluded here too.
     with_entropy: -> (log-probs, entropies), both (B, T), the second the entropy of the full
     next-token distribution at the same positions (the entropy bonus, method §6), from the same
     chunks: no (tokens, V) tensor is kept for it either.
@@ -74,6 +83,7 @@ def token_logprobs(model, batch, micro_batch=8, token_chunk=512, with_entropy=Fa
     if mm is None:  # without it Qwen-VL silently falls back to 1-D positions: rebuild it
         mm = (ids == model.config.image_token_id).int()
     head = model.get_output_embeddings()
+    banned = torch.as_tensor(batch['banned'], device=ids.device) if batch.get('banned') else None
     chunk_fn = _chunk_logprobs_entropy if with_entropy else _chunk_logprobs
     rows, ents = [], []
     for s in range(0, B, micro_batch):
@@ -94,7 +104,7 @@ def token_logprobs(model, batch, micro_batch=8, token_chunk=512, with_entropy=Fa
         target = ids[s:e][valid[s:e]]                     # (k,) in the same row-major order
         parts = []
         for c in range(0, len(target), token_chunk):
-            args = (head, pred[c:c + token_chunk], target[c:c + token_chunk])
+            args = (head, pred[c:c + token_chunk], target[c:c + token_chunk], banned)
             parts.append(checkpoint(chunk_fn, *args, use_reentrant=False) if torch.is_grad_enabled()
                          else chunk_fn(*args))
         if with_entropy:

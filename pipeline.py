@@ -23,6 +23,7 @@ class Rollouts:
     responses: torch.Tensor       # (n, R) sampled token ids, padding after the first EOS
     mask: torch.Tensor            # (n, R) bool: the tokens up to and including the first EOS
     texts: list                   # n decoded responses
+    banned: list                  # token ids the sampling distribution excludes (vision_tokens); the update too
 
 
 class CounterSampler(LogitsProcessor):
@@ -46,6 +47,15 @@ class CounterSampler(LogitsProcessor):
         pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(cdf.shape[-1] - 1)
         token = pick if order is None else order.gather(-1, pick)
         return torch.full_like(scores, -float('inf')).scatter_(-1, token, 0.0)
+
+
+def vision_tokens(net):
+    """Ids of the image / video placeholders and vision brackets. A response holding one would be read as an
+    image slot by the next forward (a feature-count mismatch), so the policy never emits them: sampling
+    and the update's log-probs both renormalise over the other tokens (method §6)."""
+    cfg = net.config
+    return sorted({getattr(cfg, k) for k in ('image_token_id', 'video_token_id', 'vision_start_token_id',
+                                             'vision_end_token_id') if getattr(cfg, k, None) is not None})
 
 
 def row_uniforms(seed, keys, n, steps):
@@ -73,8 +83,9 @@ def generate(net, proc, samples, template, image_size, n=1, greedy=True, tempera
     uniforms = None if greedy else torch.as_tensor(row_uniforms(seed, keys, n, max_new_tokens), device=net.device)
     gc = net.generation_config
     pad = gc.pad_token_id if gc.pad_token_id is not None else proc.tokenizer.pad_token_id
+    banned = vision_tokens(net)
     clean = GenerationConfig(eos_token_id=gc.eos_token_id, pad_token_id=pad, bos_token_id=gc.bos_token_id,
-                             max_new_tokens=max_new_tokens, do_sample=False)
+                             max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=banned)
     was_training, net.generation_config = net.training, clean
     net.eval()
     outs = []
@@ -101,7 +112,7 @@ def generate(net, proc, samples, template, image_size, n=1, greedy=True, tempera
     mask = (eos.int().cumsum(1) - eos.int()) == 0           # tokens before (and incl.) the 1st EOS
     texts = proc.batch_decode(resp.masked_fill(~mask, pad), skip_special_tokens=True)
     return [Rollouts(prompts[j], b['image_grid_thw'][j:j + 1], grpo.select_images(vision, [j]),
-                     resp[j * n:(j + 1) * n], mask[j * n:(j + 1) * n], texts[j * n:(j + 1) * n])
+                     resp[j * n:(j + 1) * n], mask[j * n:(j + 1) * n], texts[j * n:(j + 1) * n], banned)
             for j in range(len(samples))]
 
 
@@ -114,7 +125,8 @@ def update_batch(rollouts, rows):
     ids = torch.cat([rollouts.prompt_ids.expand(k, P), rollouts.responses[rows]], 1)
     att = torch.cat([torch.ones(k, P, dtype=torch.long, device=ids.device), resp.long()], 1)
     return dict(input_ids=ids, attention_mask=att, response_mask=torch.cat([torch.zeros_like(att[:, :P]), resp], 1),
-                image_grid_thw=rollouts.image_grid_thw.expand(k, -1), vision=grpo.select_images(rollouts.vision, [0] * k))
+                image_grid_thw=rollouts.image_grid_thw.expand(k, -1), vision=grpo.select_images(rollouts.vision, [0] * k),
+                banned=rollouts.banned)
 
 
 def segment_answers(seg, sample, texts, image_size, coord_mode, key=None):

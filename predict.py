@@ -79,7 +79,7 @@ def load(tool, base, adapter, meta, device, image_size=None, coord_mode=None, pr
         fail(tool, f'--image-size {size}: must be a multiple of {unit} (one visual token) for this model')
     try:
         template = M.load_template(prompt_file or M.template_name('eval', meta.get('label', True)), base)
-        seg = S.load_sam(sam, sam_type, device) if sam else S.ColorSegmenter()
+        seg = S.load_segmenter(sam, sam_type, device) if sam else S.ColorSegmenter()
     except Exception as e:  # noqa: BLE001
         fail(tool, str(e))
     return dict(net=net, proc=proc, seg=seg, template=template, image_size=size,
@@ -119,7 +119,8 @@ def main():
                    help='torch device (default: cuda if there is one, else cpu)')
     r = p.add_argument_group('paper scale: a real checkpoint and SAM')
     r.add_argument('--model', metavar='DIR', help='local Qwen2/2.5/3-VL checkpoint dir (default: sandbox/stage0)')
-    r.add_argument('--sam', metavar='FILE', help='segment-anything checkpoint file (default: the colour segmenter)')
+    r.add_argument('--sam', metavar='PATH', help='transformers SAM 2 / 2.1 checkpoint DIR or segment-anything FILE '
+                   '(default: the colour segmenter)')
     r.add_argument('--sam-type', default='vit_h', choices=['vit_b', 'vit_l', 'vit_h'], help='SAM size (default: vit_h)')
     r.add_argument('--image-size', type=int, metavar='PX', help='model input side (default: adapter meta, else 840 '
                    'or what the processor keeps)')
@@ -139,9 +140,10 @@ def main():
             fail('predict', f'{flag} {value}: must be >= 1')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail('predict', f'--out {args.out}: is a file, not a folder')
-    for flag, path in [('--sam', args.sam), ('--prompt-file', args.prompt_file)]:
-        if path is not None and not os.path.isfile(path):
-            fail('predict', f'{flag} {path}: no such file')
+    if args.sam is not None and not os.path.exists(args.sam):
+        fail('predict', f'--sam {args.sam}: no such file or folder')
+    if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
+        fail('predict', f'--prompt-file {args.prompt_file}: no such file')
     try:  # read the image before loading any model
         image = np.asarray(ImageOps.exif_transpose(Image.open(args.image)).convert('RGB'))
     except Exception as e:  # noqa: BLE001

@@ -3,8 +3,8 @@ configuration with random weights (nothing to download): the real widths, vocabu
 settings and image tokens (840² -> 900 for Qwen2.5-VL), N = 256 rollouts of 2,048 tokens, a random SAM
 of the real size; it prints the peak GPU memory, the step time and how far lora_A moved (bf16 adapters
 would not move at LR 5e-6). It runs train.py itself, unchanged, with one substitution: answers of
-random weights never parse, so each rollout is scored on a synthetic answer (0-3 random objects), which
-gives SAM and the update real work and the advantages a spread.
+random weights never parse, so rollout i is scored on a synthetic answer with i mod 4 random objects,
+which gives SAM and the update real work and every group a spread of rewards.
 
   python smoke.py                                  # one GPU: Qwen2.5-VL-7B configuration, N = 256
   python smoke.py --arch qwen3-vl-8b --rollouts 64
@@ -59,10 +59,10 @@ def write_data(path, rows=2, size=(1600, 1200)):
     pq.write_table(pa.table({'problem': ['something to sit on'] * rows, 'image': images, 'solution_mask': masks}), path)
 
 
-def synthetic(rng, side):
-    """An answer with 0-3 random objects in model-input pixels (a random model writes garbage)."""
+def synthetic(rng, side, count):
+    """An answer with `count` random objects in model-input pixels (a random model writes garbage)."""
     objs = []
-    for _ in range(rng.integers(0, 4)):
+    for _ in range(count):
         x1, y1 = rng.integers(0, side - 100, 2)
         objs.append({'label': 'chair', 'bbox_2d': [int(x1), int(y1), int(x1) + 100, int(y1) + 80],
                      'point_2d': [int(x1) + 50, int(y1) + 40]})
@@ -89,7 +89,7 @@ if sam_type != 'none':  # a random SAM of the real size, saved as a checkpoint f
 # The one substitution: score synthetic answers; and remember lora_A as initialised.
 rng, score_group, apply_lora, initial = np.random.default_rng(0), rewards.score_group, lora.apply_lora, {}
 rewards.score_group = lambda texts, sample, seg, stage, input_wh, *a, **k: score_group(
-    [synthetic(rng, input_wh[0]) for _ in texts], sample, seg, stage, input_wh, *a, **k)
+    [synthetic(rng, input_wh[0], i % 4) for i in range(len(texts))], sample, seg, stage, input_wh, *a, **k)
 
 
 def remember(model, **kw):
@@ -110,5 +110,8 @@ for r in log:
     print(f"[smoke] step {r['step']}: {mem}step {r['t_generate'] + r['t_reward'] + r['t_update']:.1f} s (generate "
           f"{r['t_generate']:.1f}, reward {r['t_reward']:.1f}, update {r['t_update']:.1f}), "
           f"mean response {r['resp_len']:.0f} tokens")
+prompt = run['rolls'][0].prompt_ids
+print(f"[smoke] input {run['args'].image_size}² -> {int((prompt == run['net'].config.image_token_id).sum())} image tokens "
+      f"of a {len(prompt)}-token prompt; vocabulary {run['net'].config.get_text_config().vocab_size:,}")
 print(f'[smoke] lora_A: {100 * (moved != 0).float().mean():.1f}% of {moved.numel():,} entries moved, '
       f'median |change| {moved.abs().median():.2e} (lr {lr:g}); adapters {next(iter(initial.values())).dtype}')

@@ -26,8 +26,9 @@ a.add_argument('--model', help='local Qwen2/2.5/3-VL checkpoint dir (default: th
 a.add_argument('--preset', choices=['sandbox', 'paper'], help='defaults: paper with --model, else sandbox')
 a.add_argument('--data', help='training data: ReasonSeg folder or parquet/arrow rows (default: synthetic world)')
 a.add_argument('--skip-bad', action='store_true', help='skip corrupt data rows (counted in one warning)')
-a.add_argument('--sam', help='segment-anything checkpoint file (default: the colour segmenter of the world)')
-a.add_argument('--sam-type', default='vit_h', choices=['vit_b', 'vit_l', 'vit_h'], help='SAM size (vit_h)')
+a.add_argument('--sam', help='segmenter: a transformers SAM 2 / 2.1 checkpoint DIR (the paper: SAM 2.1 Hiera-L) or a '
+               'segment-anything FILE (default: the colour segmenter of the world)')
+a.add_argument('--sam-type', default='vit_h', choices=['vit_b', 'vit_l', 'vit_h'], help='SAM v1 FILE size (vit_h)')
 a.add_argument('--init-adapter', help='stage 2: the stage-1 adapter.safetensors to continue (sandbox: runs/stage1); '
                '"none": a fresh adapter')
 a.add_argument('--out', help='output dir (default runs/stage{N})')
@@ -185,15 +186,16 @@ try:  # data, paths and adapters first; each problem ends in one line, not a tra
     template = M.load_template(args.prompt_file or M.template_name(f'stage{args.stage}', not args.no_label), base)
     init = args.init_adapter if args.stage == 2 and args.init_adapter != 'none' else None  # full: merged in
     params, ref_net = update.setup(net, args.tuning, args.lora_r, args.lora_alpha, init, reference=args.kl_coef > 0)
-    seg = S.load_sam(args.sam, args.sam_type, args.device) if args.sam else S.ColorSegmenter()
+    seg = S.load_segmenter(args.sam, args.sam_type, args.device) if args.sam else S.ColorSegmenter()
     if str(args.device).startswith('cuda'):
         lora.enable_checkpointing(net)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
     start = 0
     if args.resume and resumed:
         update.load_weights(net, ckpt, args.tuning)
-        start, saved = checkpoint.restore(ckpt, opt, lr=args.lr)
-        checkpoint.truncate_log(os.path.join(args.out, 'log.jsonl'), start) if rank == 0 else None
+        start = checkpoint.restore(ckpt, opt, lr=args.lr)[0]
+        if rank == 0:  # the steps after the checkpoint are rerun: their old records go
+            checkpoint.truncate_log(os.path.join(args.out, 'log.jsonl'), start)
 except (OSError, ValueError, RuntimeError) as e:
     sys.exit(f'[train] error: {e}')
 val = [] if args.data else world.dataset('val', args.eval_n, families=target_families)  # real data: eval.py

@@ -168,6 +168,13 @@ def test_entropy_and_its_gradient_closed_form():
     assert torch.allclose(ent, -(p * lp).sum(-1), atol=1e-6) and torch.allclose(logp, lp[range(5), target], atol=1e-6)
     ent.sum().backward()
     assert torch.allclose(hidden.grad, (-p * (lp + ent.detach()[:, None])) @ head.weight.detach(), atol=1e-5)
+    keep = [v for v in range(11) if v not in (2, 5)]  # banned ids: the distribution over the other ids, no NaN
+    hidden.grad = None
+    _, ent = G._chunk_logprobs_entropy(head, hidden, target, torch.tensor([2, 5]))
+    ent.sum().backward()
+    p, lp = torch.softmax(z[:, keep], -1), torch.log_softmax(z[:, keep], -1)
+    assert torch.allclose(ent, -(p * lp).sum(-1), atol=1e-6)
+    assert torch.allclose(hidden.grad, (-p * (lp + ent.detach()[:, None])) @ head.weight.detach()[keep], atol=1e-5)
     logp = (-torch.rand(3, 4)).requires_grad_()
     entropy = torch.rand(3, 4, requires_grad=True)
     adv, mask = torch.tensor([1.0, -1.0, 0.5]), torch.rand(3, 4) > 0.3

@@ -1,6 +1,7 @@
 """Tests for pipeline.generate (method §6): rollouts are on-policy (the log-probs of the sampled tokens,
 from the scores generate sampled them with, equal grpo.token_logprobs on the same sequences, although
-the checkpoint's generation_config.json sets a repetition penalty and top-k), and they do not depend on
+the checkpoint's generation_config.json sets a repetition penalty and top-k; the vision placeholder
+tokens are excluded from both distributions alike), and they do not depend on
 how rows are chunked into generate calls. Real transformers classes (Qwen2.5-VL, Qwen3-VL) at small
 widths with the real vocabulary size, built offline by tiny.build_config_dir.
 Run: python -m pytest -q tests/test_pipeline.py
@@ -43,6 +44,8 @@ def test_sampled_logprobs_equal_the_updates(policy, monkeypatch):
     assert len({len(s.query) for s in samples}) > 1
     rolls = pipeline.generate(net, proc, samples, 'find: {question}', 64, n=2, greedy=False, max_new_tokens=6,
                               seed=1, keys=[10, 11, 12])
+    banned = pipeline.vision_tokens(net)
+    assert all((sc[:, banned] == float('-inf')).all() for sc, _ in seen)  # never sampled, renormalised away
     picked = torch.stack([tok for _, tok in seen], 1)                             # (rows, steps)
     sampled = torch.stack([torch.log_softmax(sc.float(), -1).gather(-1, tok[:, None])[:, 0] for sc, tok in seen], 1)
     for j, r in enumerate(rolls):
@@ -83,3 +86,18 @@ def test_counter_sampler_follows_the_distribution():
         out = pipeline.CounterSampler(u, prompt_len=5, top_p=top_p)(torch.zeros(20000, 5, dtype=torch.long), logits)
         freq = torch.bincount(out.argmax(-1), minlength=3).float() / 20000
         assert torch.allclose(freq, torch.tensor(want), atol=0.015), freq
+
+
+def test_vision_placeholders_are_never_sampled():
+    """A response holding <|image_pad|> would be read as an image slot by the update's forward (feature
+    count mismatch). Even a policy that strongly prefers it never emits it, and the update runs."""
+    net, proc = M.load_policy('sandbox/stage0')
+    image_id = net.config.image_token_id
+    boost = torch.zeros(net.config.get_text_config().vocab_size)
+    boost[image_id] = 100.0  # now by far the most likely next token, in generation and in the update
+    net.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + boost.to(out.dtype))
+    s = world.sample('val', 0)
+    r, = pipeline.generate(net, proc, [s], 'find: {question}', 112, n=4, greedy=False, max_new_tokens=8, seed=0)
+    assert not torch.isin(r.responses, torch.tensor(pipeline.vision_tokens(net))).any()
+    logp = grpo.token_logprobs(net, pipeline.update_batch(r, [0, 1]))
+    assert torch.isfinite(logp).all() and (logp[:, -8:] <= 0).all()

@@ -171,6 +171,10 @@ def test_interrupted_save_and_resume_bookkeeping(two_steps, tmp_path):
     assert [r['step'] for r in records(out)] == [1, 2] and records(out)[1]['reward'] != -1.0
     p = run('--stage', 1, *RL, '--steps', 1, '--out', str(tmp_path / 'new'), '--resume')
     assert 'no checkpoint' in p.stdout
+    state = os.path.join(out, 'last', 'trainer.pt')  # a damaged trainer state is one line, not a traceback
+    open(state, 'wb').write(open(state, 'rb').read()[:200])
+    p = run('--stage', 1, *RL, '--steps', 3, '--out', out, '--resume', ok=False)
+    assert 'trainer.pt: unreadable' in p.stderr and 'Traceback' not in p.stderr
 
 
 def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
@@ -224,3 +228,33 @@ def test_paper_preset_on_a_tiny_base_keeps_its_input_side(tmp_path):
         '--lora-alpha', 8, '--max-new-tokens', 20, '--eval-every', 0, '--steps', 1, '--out', out)
     meta = lora.read_lora(os.path.join(out, 'last', 'adapter.safetensors'))[1]
     assert meta['image_size'] == 112
+
+
+@pytest.mark.parametrize('kl', [0.0, 0.01])
+def test_token_mean_counts_every_kept_rollout(kl, tmp_path, monkeypatch):
+    """Method §6: the loss is a mean over EVERY response token of the kept rollouts, zero-advantage ones
+    included; they are forwarded only when the KL term is on (else their gradient is exactly zero).
+    Rewards [1, 2, 3] give advantages [-1, 0, 1]; a second prompt's rewards are constant. The loss is
+    replaced by 1 per micro-batch, so the logged loss is the sum of the weights: forwarded tokens /
+    all kept tokens (the old denominator dropped the zero-advantage rows and made it 1 always)."""
+    import runpy
+    import grpo, pipeline, rewards
+    calls, seen = iter([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]), []
+    comps = dict(format=0.0, accuracy=0.0, non_repeat=1.0, correct=False)
+    monkeypatch.setattr(rewards, 'score_group', lambda texts, *a, **k: [(r, comps) for r in next(calls)])
+    real_loss = grpo.grpo_loss
+
+    def unit_loss(logp, old, adv, mask, *a, **k):
+        seen.append(int(mask.sum()))
+        return logp.sum() * 0 + 1.0, real_loss(logp, old, adv, mask, *a, **k)[1]
+    monkeypatch.setattr(grpo, 'grpo_loss', unit_loss)
+    real_generate, kept = pipeline.generate, []  # the step's two prompts' Rollouts
+    monkeypatch.setattr(pipeline, 'generate', lambda *a, **k: kept.extend(real_generate(*a, **k)) or kept[-2:])
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['train.py', '--stage', '1', *map(str, RL), '--group', '3', '--rollouts', '3',
+                                      '--micro-batch', '1', '--kl-coef', str(kl), '--steps', '1', '--out', str(tmp_path)])
+    runpy.run_path('train.py', run_name='__main__')
+    all_kept = sum(int(r.mask.sum()) for r in kept)                        # both prompts, all 3 rows
+    forwarded = int(kept[0].mask[[0, 2]].sum()) if kl == 0 else all_kept  # rewards 1 and 3: advantage != 0
+    assert sum(seen) == forwarded and len(seen) == (2 if kl == 0 else 6)
+    assert records(str(tmp_path))[0]['loss'] == pytest.approx(forwarded / all_kept, rel=1e-6)

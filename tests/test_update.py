@@ -157,7 +157,7 @@ def test_train_with_every_flag_then_eval_the_checkpoint(tmp_path):
     run(*RL, *FLAGS, '--steps', 1, '--out', part)
     run(*RL, *FLAGS, '--steps', 2, '--save-every', 1, '--out', part, '--resume')
     rec = [json.loads(line) for line in open(os.path.join(full, 'log.jsonl'))]
-    assert all(0 <= r['reward'] <= 7 and r['accuracy'] <= 3 and r['kl'] >= 0 and r['entropy'] > 0 for r in rec)
+    assert all(0 <= r['reward'] <= 7 and r['accuracy'] <= 3 and r['kl'] > -1e-6 and r['entropy'] > 0 for r in rec)
     drop = lambda r: {k: v for k, v in r.items() if not k.startswith('t_')}  # noqa: E731
     assert [drop(r) for r in rec] == [drop(json.loads(line)) for line in open(os.path.join(part, 'log.jsonl'))]
     last = os.path.join(full, 'last')
