@@ -1,5 +1,6 @@
 """grpo.py: the GRPO pieces as StAR runs them (docs/method.md §6): group-normalised advantages, fp32 per-token
-log-probs of the responses under a Qwen-VL policy, and the PPO-clip loss with an optional k3 KL.
+log-probs (and, for the optional entropy bonus, entropies) of the responses under a Qwen-VL policy, and the
+PPO-clip loss with an optional k3 KL and entropy bonus.
 Pure functions; the training loop that strings them together lives elsewhere.
 Tested by: python -m pytest tests/test_grpo.py
 """
@@ -38,20 +39,35 @@ def select_images(vision, index):
     return out
 
 
+def _logits(head, hidden, banned=None):
+    """(c, H) hidden states -> (c, V) fp32 logits of the chunk only, the `banned` token ids (a LongTensor)
+    at -inf: excluded from the distribution as they were from sampling."""
+    logits = head(hidden).float()
+    return logits if banned is None else logits.index_fill(-1, banned, float('-inf'))
+
+
 def _chunk_logprobs(head, hidden, target, banned=None):
-    """(c, H) hidden states, (c,) targets -> (c,) fp32 log p(target): logits of the chunk only, the
-    `banned` token ids (a LongTensor) excluded from the distribution as they were from sampling."""
-    logits = head(hidden).float()                                              # (c, V)
-    if banned is not None:
-        logits = logits.index_fill(-1, banned, float('-inf'))
+    """(c, H) hidden states, (c,) targets -> (c,) fp32 log p(target)."""
+    logits = _logits(head, hidden, banned)                                     # (c, V)
     return logits.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
-def token_logprobs(model, batch, micro_batch=8, token_chunk=256):
+def _chunk_logprobs_entropy(head, hidden, target, banned=None):
+    """As _chunk_logprobs, plus (c,) the entropy of the whole next-token distribution (banned ids
+    excluded), H = -Σ_v p_v log p_v, from the same (c, V) logits."""
+    logp = torch.log_softmax(_logits(head, hidden, banned), -1)                # (c, V), -inf at banned ids
+    plogp = logp.exp() * logp.masked_fill(logp == float('-inf'), 0.0)          # 0 there, not 0 * -inf = NaN
+    return logp.gather(-1, target[:, None]).squeeze(-1), -plogp.sum(-1)
+
+
+def token_logprobs(model, batch, micro_batch=8, token_chunk=256, with_entropy=False):
     """(B, T) fp32: [b, t] = log p(input_ids[b,t] | input_ids[b,:t]) where response_mask is True
     (t >= 1), 0 elsewhere. One image per row: `pixel_values` (prod(image_grid_thw[i]) patches per
     image) or a precomputed vision output `vision` with one entry per row (select_images). Optional
     `banned`: token ids the sampling distribution excluded (pipeline.vision_tokens), excluded here too.
+    with_entropy: -> (log-probs, entropies), both (B, T), the second the entropy of the full
+    next-token distribution at the same positions (the entropy bonus, method §6), from the same
+    chunks: no (tokens, V) tensor is kept for it either.
     Memory (method §6): the LM's hidden states at the positions that predict response tokens go through
     lm_head `token_chunk` tokens at a time, and under autograd each chunk is checkpointed, so backward
     recomputes its (chunk, V) logits instead of keeping (tokens, V) fp32 logits alive; at V = 151,936
@@ -68,12 +84,14 @@ def token_logprobs(model, batch, micro_batch=8, token_chunk=256):
         mm = (ids == model.config.image_token_id).int()
     head = model.get_output_embeddings()
     banned = torch.as_tensor(batch['banned'], device=ids.device) if batch.get('banned') else None
-    rows = []
+    chunk_fn = _chunk_logprobs_entropy if with_entropy else _chunk_logprobs
+    rows, ents = [], []
     for s in range(0, B, micro_batch):
         e = min(s + micro_batch, B)
         out = torch.zeros(e - s, T, dtype=torch.float32, device=ids.device)
         if not valid[s:e].any():                          # nothing to score in these rows
             rows.append(out)
+            ents.append(out)
             continue
         kw = dict(input_ids=ids[s:e], attention_mask=att[s:e], image_grid_thw=thw[s:e], mm_token_type_ids=mm[s:e],
                   use_cache=False)
@@ -87,16 +105,22 @@ def token_logprobs(model, batch, micro_batch=8, token_chunk=256):
         parts = []
         for c in range(0, len(target), token_chunk):
             args = (head, pred[c:c + token_chunk], target[c:c + token_chunk], banned)
-            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
-                         else _chunk_logprobs(*args))
+            parts.append(checkpoint(chunk_fn, *args, use_reentrant=False) if torch.is_grad_enabled()
+                         else chunk_fn(*args))
+        if with_entropy:
+            ents.append(out.masked_scatter(valid[s:e], torch.cat([h for _, h in parts])))
+            parts = [lp for lp, _ in parts]
         rows.append(out.masked_scatter(valid[s:e], torch.cat(parts)))
-    return torch.cat(rows)
+    return (torch.cat(rows), torch.cat(ents)) if with_entropy else torch.cat(rows)
 
 
-def grpo_loss(logp, old_logp, adv, mask, clip_eps=0.2, ref_logp=None, kl_coef=0.0, agg='token'):
+def grpo_loss(logp, old_logp, adv, mask, clip_eps=0.2, ref_logp=None, kl_coef=0.0, agg='token', entropy=None,
+              entropy_coef=0.0):
     """PPO-clip surrogate (method §6) on (B, T) log-probs, plus kl_coef × k3 KL to ref_logp
-    (exp(x) - x - 1, x = ref - logp clamped to ±10). adv: (B,) one advantage per response, broadcast
-    over its tokens (GRPO), or (B, T) per token (as TRL and veRL pass them); anything else is refused.
+    (exp(x) - x - 1, x = ref - logp clamped to ±10), minus entropy_coef × entropy, the (B, T) entropies
+    of token_logprobs(with_entropy=True) (the predecessors' bonus; StAR uses none). adv: (B,) one
+    advantage per response, broadcast over its tokens (GRPO), or (B, T) per token (as TRL and veRL pass
+    them); anything else is refused.
     agg 'token': masked mean over all response tokens of the batch (StAR); 'seq': mean over
     sequences of per-sequence token means. Returns (loss, stats of floats)."""
     mask = mask.bool()
@@ -115,6 +139,8 @@ def grpo_loss(logp, old_logp, adv, mask, clip_eps=0.2, ref_logp=None, kl_coef=0.
         x = torch.where(mask, ref_logp - logp, torch.zeros_like(logp)).clamp(-10, 10)
         kl = torch.exp(x) - x - 1
         per_token = per_token + kl_coef * kl
+    if entropy is not None:
+        per_token = per_token - entropy_coef * torch.where(mask, entropy, torch.zeros_like(entropy))
     if agg == 'token':
         loss = masked_mean(per_token, mask)
     elif agg == 'seq':
@@ -125,6 +151,6 @@ def grpo_loss(logp, old_logp, adv, mask, clip_eps=0.2, ref_logp=None, kl_coef=0.
         is_clipped = ((ratio > 1 + clip_eps) & (a > 0)) | ((ratio < 1 - clip_eps) & (a < 0))
         stats = dict(clip_frac=masked_mean(is_clipped.float(), mask).item(),
                      kl=masked_mean(kl, mask).item(),
-                     entropy=-masked_mean(logp.float(), mask).item(),
+                     entropy=masked_mean(entropy if entropy is not None else -logp.float(), mask).item(),
                      mean_adv=masked_mean(a.float().expand_as(logp), mask).item())
     return loss, stats

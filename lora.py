@@ -127,6 +127,17 @@ def unmerge_lora(model):
     return _fold(model, False)
 
 
+def fold_lora(model):
+    """Merge the adapters into the base weights and put the plain nn.Linear layers back: the model has
+    its base's parameter names and no adapters again (full fine-tuning from a LoRA start, export).
+    The unwrapped layers stay frozen, as the base weights were. -> number of layers merged."""
+    merged = merge_lora(model)
+    for name, module in lora_modules(model):
+        parent, _, leaf = name.rpartition('.')
+        setattr(model.get_submodule(parent), leaf, module.base)
+    return merged
+
+
 def lora_state_dict(model):
     """{'<module>.lora_A': (r, in), '<module>.lora_B': (out, r)}: the adapter and nothing else."""
     return {f'{n}.{k}': getattr(m, k).detach() for n, m in lora_modules(model) for k in ('lora_A', 'lora_B')}

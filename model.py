@@ -14,17 +14,33 @@ from answer import MAX_OBJECTS, parse_answer, place_answers, to_model, to_origin
 # with the prompt it was trained on: pass --prompt-file, or ship prompt.txt in the checkpoint dir.
 PROMPT = ('Please find "{question}" in the image. Think step by step inside <think> </think> tags: '
           '{reason}Then give every matching object inside <answer> </answer> tags as a JSON list, one '
-          'entry per object with a short "label", a bounding box "bbox_2d" [x1,y1,x2,y2] and a point '
-          '"point_2d" [x,y] inside the object. Return ALL matching objects.{empty} Example: <answer>'
-          '[{{"label": "cup", "bbox_2d": [10,20,60,90], "point_2d": [35,55]}}, {{"label": "cup", '
-          '"bbox_2d": [70,20,120,90], "point_2d": [95,55]}}]</answer>')
+          'entry per object with {fields} inside the object. Return ALL matching objects.{empty} Example: '
+          '<answer>[{example}]</answer>')
+FIELDS = 'a short "label", a bounding box "bbox_2d" [x1,y1,x2,y2] and a point "point_2d" [x,y]'
+EXAMPLE = ('{"label": "cup", "bbox_2d": [10,20,60,90], "point_2d": [35,55]}, '
+           '{"label": "cup", "bbox_2d": [70,20,120,90], "point_2d": [95,55]}')
 REASON = 'first work out what the query refers to, then find it in the image. '
 EMPTY = ' If nothing matches, answer <answer>[]</answer>.'
-TEMPLATES = {  # stage 1 grounds; stage 2 and evaluation add the reasoning hint; eval the empty case
-    'stage1': PROMPT.format(question='{question}', reason='', empty=''),
-    'stage2': PROMPT.format(question='{question}', reason=REASON, empty=''),
-    'eval': PROMPT.format(question='{question}', reason=REASON, empty=EMPTY),
-}
+NO_LABEL = '-nolabel'  # suffix of the label-free variants (train.py --no-label; method §2, "Ablation flags")
+
+
+def _templates(fields, example):
+    return {  # stage 1 grounds; stage 2 and evaluation add the reasoning hint; eval the empty case
+        'stage1': PROMPT.format(question='{question}', reason='', empty='', fields=fields, example=example),
+        'stage2': PROMPT.format(question='{question}', reason=REASON, empty='', fields=fields, example=example),
+        'eval': PROMPT.format(question='{question}', reason=REASON, empty=EMPTY, fields=fields, example=example)}
+
+
+# The label-free variants (the predecessors' answer: box and point only) drop the label from the
+# request and from the example; nothing else in the wording changes.
+TEMPLATES = {**_templates(FIELDS, EXAMPLE),
+             **{k + NO_LABEL: v for k, v in _templates(FIELDS.replace('a short "label", ', ''),
+                                                       EXAMPLE.replace('"label": "cup", ', '')).items()}}
+
+
+def template_name(name, label=True):
+    """'stage1' | 'stage2' | 'eval' -> the named template's key, label-free with label=False."""
+    return name if label else name + NO_LABEL
 
 
 def normalize_query(q):

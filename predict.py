@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-import checkpoint, data, lora, pipeline, vis, vote
+import checkpoint, data, lora, pipeline, update, vis, vote
 import model as M
 import segment as S
 
@@ -26,7 +26,8 @@ def fail(tool, msg):
 
 
 def resolve(model, adapter, tool='eval'):
-    """Which base and adapter to run, checked before anything loads -> (base, adapter, its metadata).
+    """Which base and adapter to run, checked before anything loads -> (base, adapter, the training
+    metadata: the adapter's, else the train_meta.json of a fully tuned checkpoint given as --model).
     Without --model (the sandbox): the newest runs/stage2, else runs/stage1 adapter (else none), on
     the base its metadata names, else sandbox/stage0."""
     if model is None and adapter is None:
@@ -45,6 +46,12 @@ def resolve(model, adapter, tool='eval'):
             meta = lora.read_lora(adapter)[1]
         except ValueError as e:
             fail(tool, f'--adapter: {e}')
+    own = os.path.join(model or '', update.META_FILE)
+    if adapter is None and model and os.path.isfile(own):  # train.py --tuning full wrote this checkpoint
+        try:
+            meta = json.load(open(own))
+        except ValueError as e:
+            fail(tool, f'--model: {own} is not JSON ({e})')
     base = model or meta.get('base') or SANDBOX_BASE
     if not os.path.isfile(os.path.join(base, 'config.json')):
         fail(tool, f'--model {base}: not a checkpoint directory (no config.json)' if model else
@@ -55,7 +62,9 @@ def resolve(model, adapter, tool='eval'):
 def load(tool, base, adapter, meta, device, image_size=None, coord_mode=None, prompt_file=None, sam=None,
          sam_type='vit_h', threads=None, sandbox=True):
     """-> dict(net, proc, seg, template, image_size, coord_mode). Input side and coordinate mode come
-    from the flags, else the adapter's metadata, else the processor / model type. In the sandbox the
+    from the flags, else the training metadata (resolve), else the processor / model type; the prompt
+    from --prompt-file, else the base's prompt.txt, else our eval template, label-free when the model
+    was trained with --no-label. In the sandbox the
     CPU thread count is fixed (SANDBOX_THREADS unless `threads`): same command, same numbers, and two
     jobs on two cores do not slow each other down tenfold."""
     if threads or (sandbox and str(device) == 'cpu'):
@@ -69,7 +78,7 @@ def load(tool, base, adapter, meta, device, image_size=None, coord_mode=None, pr
     if size % unit:
         fail(tool, f'--image-size {size}: must be a multiple of {unit} (one visual token) for this model')
     try:
-        template = M.load_template(prompt_file or 'eval', base)
+        template = M.load_template(prompt_file or M.template_name('eval', meta.get('label', True)), base)
         seg = S.load_segmenter(sam, sam_type, device) if sam else S.ColorSegmenter()
     except Exception as e:  # noqa: BLE001
         fail(tool, str(e))
@@ -85,7 +94,7 @@ def combine(answers, n, agg='best', shape=None):
         objs, masks, _ = answers[0]
         pred = masks.any(0) if len(masks) else np.zeros(shape, bool)
         return pred, [vis.layer(m, True, o) for m, o in zip(masks, objs or [])], [], ''
-    votes = [None if o is None else [(m, s, x['label'] or '') for x, m, s in zip(o, ms, ss)]
+    votes = [None if o is None else [(m, s, x['label']) for x, m, s in zip(o, ms, ss)]
              for o, ms, ss in answers[:n]]
     pred, clusters, reason = vote.majority_vote(votes, agg=agg, shape=shape)
     layers = []

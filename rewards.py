@@ -3,7 +3,8 @@ stage-2 accuracy with Hungarian matching, and `score_group`, which scores the G 
 with one image encode and batched segmenter calls, a bounded number of masks at a time (method §4).
 
 Never raises on model output; every component stays in its range. "No object" is decided explicitly:
-an empty answer on an empty ground truth is fully correct (9 in stage 1, 10 in stage 2).
+an empty answer on an empty ground truth is fully correct (9 in stage 1, 10 in stage 2, 3 under the
+predecessors' accuracy). train.py's ablation flags choose `accuracy` (--reward) and `label` (--no-label).
 Tested by: python -m pytest tests/test_rewards.py tests/test_fuzz.py
 """
 import re
@@ -17,6 +18,7 @@ MASK_BUDGET = 1 << 27  # bytes of bool masks score_group holds at once (128 MiB:
 _SPACE = re.compile(r'\s*')
 _TIER_EDGES = np.array([0.3, 0.5, 0.7, 0.8, 0.9])  # tier = how many edges the IoU is strictly above
 _NAN4, _NAN2 = [np.nan] * 4, [np.nan] * 2
+ACCURACIES = ('star', 'visionreasoner')  # train.py --reward: ours (mask tiers, method §5) or the predecessors'
 
 
 def _tags_match(s):
@@ -35,25 +37,28 @@ def _tags_match(s):
     return False
 
 
-def format_reward(text):
+def format_reward(text, label=True):
     """0-3 (method §5). Tags (1): the tag pattern must match the whole stripped response, so surrounding
     whitespace is forgiven but any other text before <think> or after </answer> is not. Fields (0-2):
     only when an <answer>...</answer> block exists (bare JSON is not the format); 2/3 per valid field,
     averaged over the answer's items as the reference does (valid = a list of 4 / 2 finite numbers, a
     non-empty label). Items that are not objects ({}, 7) count and earn nothing; all items count, even
-    past answer.MAX_OBJECTS."""
+    past answer.MAX_OBJECTS. label=False (--no-label): the predecessors' rule, 1 per valid box and 1 per
+    valid point, averaged over the items; a label, present or not, earns nothing."""
     if not isinstance(text, str):
         return 0.0
-    return _format(text, A.answer_items(text, bare_json=False))
+    return _format(text, A.answer_items(text, bare_json=False), label)
 
 
-def _format(text, items):
+def _format(text, items, label=True):
     """format_reward from the text and its decoded answer items (None without an <answer> block)."""
     tags = 1.0 if _tags_match(text.strip()) else 0.0
     if not items:  # unparsable or empty answer: no field credit
         return tags
-    n_valid = sum(v is not None for o in items if isinstance(o, dict) and o for v in A.object_fields(o).values())
-    return tags + 2.0 * n_valid / (3 * len(items))
+    fields = [A.object_fields(o) for o in items if isinstance(o, dict) and o]
+    if label:
+        return tags + 2.0 * sum(v is not None for f in fields for v in f.values()) / (3 * len(items))
+    return tags + sum((f['bbox_2d'] is not None) + (f['point_2d'] is not None) for f in fields) / len(items)
 
 
 def non_repeat_reward(text):
@@ -150,55 +155,89 @@ def stage2_accuracy(tiers):
     return 2.0 * mean, mean
 
 
-def _score(text, items, objects, ious, sample, stage):
+def visionreasoner_accuracy(pred_boxes, pred_points, gt_boxes, gt_points):
+    """0-3, the predecessors' (VisionReasoner's) accuracy, no masks (method §5, "Ablation flags"): per
+    pair [box IoU > 0.5] + [mean |Δ box| < 10 px] + [point within 30 px AND inside its own box],
+    Hungarian on 3 - total, Σ matched / max(M,N): extra or missing objects dilute it, and there is no
+    bonus for M == N. Our no-object rule stays: empty vs empty is (3, 3), other empties (0, 0).
+    Returns (accuracy, the same number): with no masks, the matched mean pair total stands in for the
+    matched mean tier ("correct" when >= 2, two of the three checks on average)."""
+    m, n = len(pred_boxes), len(gt_boxes)
+    if m == 0 or n == 0:
+        return (3.0, 3.0) if m == n else (0.0, 0.0)
+    score = stage1_pair_scores(np.zeros((m, n)), pred_boxes, pred_points, gt_boxes, gt_points)
+    r, c = best_matching(score, 3)
+    acc = float(score[r, c].sum() / max(m, n))
+    return acc, acc
+
+
+def _geometry(objects, sample):
+    """Predicted boxes/points (NaN rows where missing: they earn nothing) and the GT's, in original px."""
+    if len(sample.masks) and (sample.boxes is None or sample.points is None):
+        raise ValueError('this accuracy needs GT boxes and points (method §5; data.boxes_points makes them)')
+    gb = sample.boxes if len(sample.masks) else np.zeros((0, 4))
+    gp = sample.points if len(sample.masks) else np.zeros((0, 2))
+    pb = [_NAN4 if o.get('bbox_2d') is None else o['bbox_2d'] for o in objects]
+    pp = [_NAN2 if o.get('point_2d') is None else o['point_2d'] for o in objects]
+    return pb, pp, gb, gp
+
+
+def _check(stage, accuracy):
+    if stage not in (1, 2):
+        raise ValueError(f'stage must be 1 or 2, got {stage!r}')
+    if accuracy not in ACCURACIES:
+        raise ValueError(f'accuracy must be one of {ACCURACIES}, got {accuracy!r}')
+
+
+def _score(text, items, objects, ious, sample, stage, accuracy='star', label=True):
     """One rollout: its decoded answer items, objects (parsed, original px, or None) and their mask IoUs
-    (M,N) with the GT. The items are decoded once for both the format and the objects (a 200k-character
-    answer costs ~20 ms a decode)."""
+    (M,N) with the GT (None for the mask-free 'visionreasoner' accuracy, which scores both stages alike).
+    The items are decoded once for both the format and the objects (~20 ms for 200k characters)."""
+    _check(stage, accuracy)
     fmt = 0.0
     if isinstance(text, str):  # bare JSON (no <answer> block) parses to objects but earns no field credit
-        fmt = _format(text, items if A.answer_block(text) is not None else None)
+        fmt = _format(text, items if A.answer_block(text) is not None else None, label)
     rep = non_repeat_reward(text)
     acc, tier = 0.0, 0.0  # unparsable: no accuracy
-    if objects is not None:
+    if objects is not None and accuracy == 'visionreasoner':
+        acc, tier = visionreasoner_accuracy(*_geometry(objects, sample))
+    elif objects is not None:
         tiers = mask_tier(np.asarray(ious).reshape(len(objects), len(sample.masks)))
-        if stage == 1:
-            if len(sample.masks) and (sample.boxes is None or sample.points is None):
-                raise ValueError('stage-1 reward needs GT boxes and points (method §5)')
-            gb = sample.boxes if len(sample.masks) else np.zeros((0, 4))
-            gp = sample.points if len(sample.masks) else np.zeros((0, 2))
-            pb = [_NAN4 if o.get('bbox_2d') is None else o['bbox_2d'] for o in objects]
-            pp = [_NAN2 if o.get('point_2d') is None else o['point_2d'] for o in objects]
-            acc, tier = stage1_accuracy(tiers, pb, pp, gb, gp)
-        elif stage == 2:
-            acc, tier = stage2_accuracy(tiers)
-        else:
-            raise ValueError(f'stage must be 1 or 2, got {stage!r}')
+        acc, tier = stage1_accuracy(tiers, *_geometry(objects, sample)) if stage == 1 else stage2_accuracy(tiers)
     comps = dict(format=fmt, accuracy=acc, non_repeat=rep, correct=tier >= 2,
                  n_pred=len(objects or []), mean_tier=tier)
     return fmt + acc + rep, comps
 
 
-def reward(text, sample, masks, stage, objects=None):
+def reward(text, sample, masks, stage, objects=None, accuracy='star', label=True):
     """One response -> (total, components). masks (K,H,W): the predicted mask of each object, aligned
-    with `objects` (the parsed objects in original px; default answer.parse_answer(text) as is)."""
+    with `objects` (the parsed objects in original px; default answer.parse_answer(text) as is); unused
+    (may be None) with accuracy='visionreasoner'. label=False: the label-free format term."""
     items = A.answer_items(text) if isinstance(text, str) else None
     if objects is None:
         objects = A.answer_objects(items)
-    if objects is not None and len(masks) != len(objects):
+    if accuracy == 'visionreasoner' or objects is None:
+        return _score(text, items, objects, None, sample, stage, accuracy, label)
+    if len(masks) != len(objects):
         raise ValueError(f'{len(masks)} masks for {len(objects)} objects')
-    ious = None if objects is None else mask_iou_matrix(masks, sample.masks)
-    return _score(text, items, objects, ious, sample, stage)
+    return _score(text, items, objects, mask_iou_matrix(masks, sample.masks), sample, stage, accuracy, label)
 
 
-def score_group(texts, sample, segmenter, stage, input_wh, coord_mode='pixel', key=None, chunk=None):
+def score_group(texts, sample, segmenter, stage, input_wh, coord_mode='pixel', key=None, chunk=None,
+                accuracy='star', label=True):
     """The G rollouts of one prompt -> [(total, components)]. The image is encoded once (cached under
     `key`, default the sample's id); the objects of all rollouts are segmented `chunk` at a time
     (default: MASK_BUDGET bytes of masks), each chunk's masks packed to bits and compared with the GT
     at once, then dropped: memory stays bounded for G = 256 on large images. Chunks may split a
-    rollout's objects; the result does not depend on `chunk`."""
+    rollout's objects; the result does not depend on `chunk`. accuracy='visionreasoner' needs no
+    masks: the segmenter is never called. label=False: the label-free format term."""
+    _check(stage, accuracy)  # before any segmenter call
     H, W = sample.image.shape[:2]
     items = [A.answer_items(t) if isinstance(t, str) else None for t in texts]
     answers = A.place_objects([A.answer_objects(i) for i in items], (W, H), input_wh, coord_mode)
+    if accuracy == 'visionreasoner':
+        return [_score(text, its, objs, None, sample, stage, accuracy, label)
+                for text, its, objs in zip(texts, items, answers)]
     flat = [o for objs in answers for o in objs or []]
     chunk = chunk or max(1, MASK_BUDGET // (H * W))
     key = sample.id if key is None else key
@@ -210,6 +249,6 @@ def score_group(texts, sample, segmenter, stage, input_wh, coord_mode='pixel', k
     ious, out, start = np.concatenate(ious), [], 0
     for text, its, objs in zip(texts, items, answers):
         m = len(objs or [])
-        out.append(_score(text, its, objs, ious[start:start + m], sample, stage))
+        out.append(_score(text, its, objs, ious[start:start + m], sample, stage, accuracy, label))
         start += m
     return out

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint, data, grpo, lora, parallel, pipeline, rest, rewards, vis, warmup, world
+import checkpoint, data, grpo, lora, parallel, pipeline, rest, rewards, update, vis, warmup, world
 import model as M
 import segment as S
 
@@ -40,7 +40,8 @@ a.add_argument('--rollouts', type=int, help='REST N: rollouts sampled per prompt
 a.add_argument('--lr', type=float, help='learning rate (paper 1e-5 stage 1, 5e-6 stage 2)')
 a.add_argument('--wd', type=float, default=1e-3, help='AdamW weight decay (1e-3)')
 a.add_argument('--clip-eps', type=float, default=0.2, help='PPO clip range (0.2)')
-a.add_argument('--kl-coef', type=float, default=0.0, help='k3 KL to the adapters-off base (StAR: 0)')
+a.add_argument('--kl-coef', type=float, default=0.0, help='k3 KL to the starting policy: the adapters-off base, '
+               'or with --tuning full a frozen copy (StAR: 0; predecessors 5e-3 to 1e-2)')
 a.add_argument('--lora-r', type=int, help='LoRA rank (paper 64, sandbox 16)')
 a.add_argument('--lora-alpha', type=float, help='LoRA alpha (paper 64, sandbox 32)')
 a.add_argument('--temperature', type=float, default=1.0, help='rollout sampling temperature (1.0)')
@@ -56,6 +57,13 @@ a.add_argument('--save-every', type=int, help='checkpoint every K steps (20)')
 a.add_argument('--seed', type=int, default=0, help='seed for data order, sampling and init (0)')
 a.add_argument('--threads', type=int, help='CPU threads (sandbox 2, fixed so a rerun gives the same numbers)')
 a.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
+a = p.add_argument_group('ablations: each changes one thing (docs/method.md "Ablation flags")')
+a.add_argument('--no-label', action='store_true', help='label-free prompt; format pays box + point only')
+a.add_argument('--reward', default='star', choices=rewards.ACCURACIES, help='accuracy term: star (mask tiers '
+               'via SAM, default) or visionreasoner (box/point checks only, 0-3, no SAM)')
+a.add_argument('--tuning', default='lora', choices=update.TUNINGS, help='lora (default) or full: every '
+               'language-model weight trains, the vision tower stays frozen')
+a.add_argument('--entropy-coef', type=float, default=0.0, help='entropy bonus (StAR: 0; predecessors 1e-3)')
 a = p.add_argument_group('memory (paper scale: the defaults fit an 80 GB GPU, README "The real thing")')
 a.add_argument('--micro-batch', type=int, default=8, help='rollout rows per forward/backward (8)')
 a.add_argument('--shard', action='store_true', help='torchrun: shard the base over the ranks (FSDP2; README)')
@@ -67,7 +75,8 @@ a = p.add_argument_group('sandbox only: stage 0 (the tiny base)')
 a.add_argument('--families', help='world query families to train on (default: explicit in stage 1, the four '
                'reasoning types in stage 2)')
 a.add_argument('--warmup', type=int, default=200, help='stage 0: linear warm-up steps, then cosine to 0.1x')
-a.add_argument('--guess-frac', type=float, default=0.25, help='stage 0: share of reasoning queries with a guessed meaning')
+a.add_argument('--guess-frac', type=float, default=0.25,
+               help='stage 0: share of reasoning queries with a guessed meaning')
 a.add_argument('--fact-frac', type=float, default=0.25, help='stage 0: share of bare-cue facts ("grass" -> "green")')
 a.add_argument('--vision-steps', type=int, default=0, help='stage 0: first train the tower on colour + shape heads')
 a.add_argument('--attr-coef', type=float, default=0.0, help='stage 0: weight of that loss beside the language loss')
@@ -105,11 +114,14 @@ def check_args():
                                                    ('lora-alpha', args.lora_alpha)) if v is not None and not v > 0]
     bad += [f'--top-p {args.top_p}: must be in (0, 1]'] if not 0 < args.top_p <= 1 else []
     bad += [f'--{k} {v}: must be >= 0' for k, v in (('eval-every', args.eval_every), ('kl-coef', args.kl_coef),
-                                                    ('clip-eps', args.clip_eps), ('wd', args.wd)) if v < 0]
+                                                    ('clip-eps', args.clip_eps), ('wd', args.wd),
+                                                    ('entropy-coef', args.entropy_coef)) if v < 0]
     if args.stage > 0 and args.rollouts < args.group:
         bad.append(f'--rollouts {args.rollouts} < --group {args.group}: REST samples N >= the G it keeps')
     if set(families) - set(world.FAMILIES):
         bad.append(f'--families {args.families!r}: each must be one of {",".join(world.FAMILIES)}')
+    if args.shard and args.tuning == 'full':
+        bad.append('--shard shards a frozen base for LoRA; --tuning full trains the whole LM (one copy per rank)')
     if args.stage == 0 and (args.preset == 'paper' or args.shard):
         bad.append('--stage 0 trains the tiny sandbox base, whole; a real Qwen-VL (or --shard) starts at --stage 1')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -153,30 +165,32 @@ if not args.model and not os.path.isdir(base) and rank == 0:
     run_earlier(0)
 if args.stage == 2 and args.init_adapter is None:
     if args.model:
-        sys.exit('[train] error: --stage 2 with --model needs --init-adapter FILE (the stage-1 adapter.safetensors)')
+        sys.exit('[train] error: --stage 2 with --model needs --init-adapter FILE (the stage-1 adapter.safetensors; '
+                 'none when --model is a fully tuned stage-1 checkpoint)')
     if not checkpoint.recover('runs/stage1/last') and rank == 0:
         run_earlier(1)
-    args.init_adapter = 'runs/stage1/last/adapter.safetensors'
+    if os.path.isfile(os.path.join('runs/stage1/last', update.META_FILE)):  # stage 1 tuned fully: go on from it
+        base, args.init_adapter = 'runs/stage1/last', 'none'
+    args.init_adapter = args.init_adapter or 'runs/stage1/last/adapter.safetensors'
 resumed = checkpoint.prepare(ckpt, args.resume, rank)  # rank 0 repairs a half-done save, then all ranks look
 try:  # data, paths and adapters first; each problem ends in one line, not a traceback
     train_set = data.load_dataset(args.data, args.skip_bad) if args.data else None
     proc = M.load_processor(base)
     args.image_size = args.image_size if size_given else min(args.image_size, M.default_image_size(proc))
     M.check_image_size(proc, args.image_size)
-    net = M.load_model(base, device=args.device, random_init=args.random_init)
+    net = M.load_model(base, update.weight_dtype(args.tuning), args.device, random_init=args.random_init)
     coord_mode = args.coord_mode or M.default_coord_mode(net)
-    template = M.load_template(args.prompt_file or f'stage{args.stage}', base)
-    lora.apply_lora(net, r=args.lora_r, alpha=args.lora_alpha)
-    if args.stage == 2 and args.init_adapter != 'none':
-        lora.load_lora(net, args.init_adapter)  # refuses an adapter of another rank / target set
+    template = M.load_template(args.prompt_file or M.template_name(f'stage{args.stage}', not args.no_label), base)
+    init = args.init_adapter if args.stage == 2 and args.init_adapter != 'none' else None  # full: merged in
+    params, ref_net = update.setup(net, args.tuning, args.lora_r, args.lora_alpha, init, reference=args.kl_coef > 0)
     if args.resume and resumed:  # whole tensors: before any sharding
-        lora.load_lora(net, os.path.join(ckpt, 'adapter.safetensors'))
+        update.load_weights(net, ckpt, args.tuning)
     seg = S.load_segmenter(args.sam, args.sam_type, args.device) if args.sam else S.ColorSegmenter()
     if str(args.device).startswith('cuda'):
         lora.enable_checkpointing(net)
     if args.shard:
         parallel.shard(net, args.device)
-    params = lora.lora_parameters(net)
+        params = lora.lora_parameters(net)  # the sharded parameters replace the whole ones
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
     start = 0
     if args.resume and resumed:
@@ -198,32 +212,14 @@ def get_samples(step):
     return [train_set[np.random.default_rng([args.seed, i // n]).permutation(n)[i % n]] for i in ids], ids
 
 
-def policy_loss(rollouts, kept, adv, n_tok):
-    """Backward of the step's loss share for one prompt: PPO-clip over its kept rollouts, weighted so
-    that the sum over prompts and ranks is the token mean over every kept response token (§6).
-    A zero-advantage row adds no gradient unless the KL term is on. -> (loss share, stats)."""
-    rows = kept if args.kl_coef > 0 or args.shard else kept[adv != 0]  # --shard: every rank as many passes
-    adv = adv if args.kl_coef > 0 or args.shard else adv[adv != 0]
-    total, stats = 0.0, []
-    for k in range(0, len(rows), args.micro_batch):
-        batch = pipeline.update_batch(rollouts, rows[k:k + args.micro_batch])
-        logp = grpo.token_logprobs(net, batch, micro_batch=args.micro_batch)          # (n, T) fp32
-        ref = None
-        if args.kl_coef > 0:  # the reference is the same network with the adapters off
-            with torch.no_grad(), lora.lora_disabled(net):
-                ref = grpo.token_logprobs(net, batch, micro_batch=args.micro_batch)
-        # one optimizer step per rollout batch: the old policy is the current one (ratio 1, §6)
-        loss, st = grpo.grpo_loss(logp, logp.detach(), adv[k:k + args.micro_batch].to(logp.device),
-                                  batch['response_mask'], args.clip_eps, ref, args.kl_coef)
-        share = batch['response_mask'].sum() / n_tok
-        (loss * share).backward()
-        total, stats = total + (loss * share).item(), stats + [st]
-    return total, stats
-
-
 def save(step):  # --shard: called by every rank (the adapter and optimizer state are gathered whole)
-    meta = dict(base=base, stage=args.stage, image_size=args.image_size, coord_mode=coord_mode, step=step)
-    checkpoint.save_adapter(ckpt, net, opt, meta, config, template, write=rank == 0)
+    meta = dict(base=base, stage=args.stage, image_size=args.image_size, coord_mode=coord_mode, step=step,
+                label=not args.no_label, reward=args.reward, tuning=args.tuning)  # eval.py / predict.py read them
+    if args.tuning == 'lora':
+        checkpoint.save_adapter(ckpt, net, opt, meta, config, template, write=rank == 0)
+    elif rank == 0:
+        write = lambda folder: update.save_weights(net, proc, folder, args.tuning, meta)  # noqa: E731
+        checkpoint.save(ckpt, write, opt, step, config, template)
     if rank == 0:
         vis.plot_training_curves(os.path.join(args.out, 'log.jsonl'), os.path.join(args.out, 'curves.png'))
     return step
@@ -246,8 +242,8 @@ try:
                                   seed=args.seed, keys=ids, chunk=args.gen_chunk)
         t_gen = time.time() - t0
         # 2. rewards: the N rollouts of a prompt share one image embedding and batched decoder calls
-        scored = [rewards.score_group(r.texts, s, seg, args.stage, (args.image_size,) * 2, coord_mode, key=s.id)
-                  for r, s in zip(rolls, samples)]
+        scored = [rewards.score_group(r.texts, s, seg, args.stage, (args.image_size,) * 2, coord_mode, key=s.id,
+                                      accuracy=args.reward, label=not args.no_label) for r, s in zip(rolls, samples)]
         reward = torch.tensor([[total for total, _ in g] for g in scored])                 # (B, N)
         success = torch.tensor([[c['correct'] for _, c in g] for g in scored])             # (B, N)
         # 3. REST keeps the G extremes of N (plain GRPO when N == G); advantages over the kept only
@@ -258,7 +254,8 @@ try:
         n_tok = parallel.all_reduce(torch.tensor(float(sum(r.mask[k].sum() for r, k in zip(rolls, kept))),
                                                  device=args.device), args.device)
         opt.zero_grad(set_to_none=True)
-        losses = [policy_loss(r, k, a, n_tok) for r, k, a in zip(rolls, kept, adv)]
+        losses = [update.policy_loss(net, r, k, a, n_tok, args.micro_batch, args.clip_eps, ref_net, args.kl_coef,
+                                     args.entropy_coef, every_row=args.shard) for r, k, a in zip(rolls, kept, adv)]
         stats = [st for _, sts in losses for st in sts]
         # 5. step: gradients summed over ranks; a non-finite loss or gradient stops every rank together
         parallel.all_reduce_grads(params, args.device)
@@ -278,7 +275,8 @@ try:
                       resp_len=float(np.mean([r.mask.sum(1).float().mean().item() for r in rolls])),
                       grad_norm=gnorm.item(), t_generate=t_gen, t_reward=t_rew,
                       t_update=time.time() - t0 - t_gen - t_rew, **rest.rest_stats(reward, kept, G, success),
-                      **{k: float(np.mean([s[k] for s in stats])) if stats else 0.0 for k in ('clip_frac', 'kl')})
+                      **{k: float(np.mean([s[k] for s in stats])) if stats else 0.0
+                         for k in ('clip_frac', 'kl') + (('entropy',) if args.entropy_coef > 0 else ())})
         if torch.cuda.is_available() and str(args.device).startswith('cuda'):
             record['peak_mem_gb'] = torch.cuda.max_memory_allocated() / 2 ** 30
         if args.eval_every and (step + 1) % args.eval_every == 0 and (rank == 0 or args.shard) and val:

@@ -2,7 +2,8 @@
 test-time scaling of StAR (method §10).
 
 Each sample is None (unparsable: abstains), [] (a "no object" vote), or a list of
-(mask (H, W) bool tensor/array, SAM score, label) per predicted object. All pairwise mask IoUs come
+(mask (H, W) bool tensor/array, SAM score, label) per predicted object; the label may be None or
+left out (label-free answers, train.py --no-label): it only names the cluster. All pairwise mask IoUs come
 from one Gram matrix of the flattened masks; the clustering itself is the greedy first-member rule.
 Tested by: python -m pytest tests/test_vote.py
 """
@@ -77,11 +78,11 @@ def _cluster(iou, thr):
 
 
 def _most_common(xs):
-    """Most frequent value; ties go to the value seen first (dicts keep insertion order)."""
+    """Most frequent value; ties go to the value seen first (dicts keep insertion order); None if none."""
     counts = {}
     for x in xs:
         counts[x] = counts.get(x, 0) + 1
-    return max(counts, key=counts.get)
+    return max(counts, key=counts.get, default=None)
 
 
 def majority_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0.2, agg='best',
@@ -92,7 +93,8 @@ def majority_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0.
       mask: (H, W) bool tensor on the masks' device; all False for "no object". When no sample
         holds any mask, H, W come from `shape`; without it the mask is None.
       clusters: one dict per cluster, in creation order: members [(sample_idx, obj_idx)], votes
-        (distinct samples), score (mean SAM score), label (most common), kept (in the output).
+        (distinct samples), score (mean SAM score), label (most common among the members that have
+        one; None when none has), kept (in the output).
       reason: one line saying why the output is what it is (for eval's drawings and logs).
     agg: 'best' = each kept cluster's highest-score member (then largest area, then first);
          'consensus' = pixels whose score-weighted member average >= pixel_thresh (> 0).
@@ -100,7 +102,7 @@ def majority_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0.
     if agg not in ('best', 'consensus'):
         raise ValueError(f'agg must be "best" or "consensus", not {agg!r}')
     valid = [i for i, s in enumerate(samples) if s is not None]  # §10.1: unparsable abstains
-    objs = [(i, j, torch.as_tensor(o[0]).bool(), float(o[1]), str(o[2]))
+    objs = [(i, j, torch.as_tensor(o[0]).bool(), float(o[1]), str(o[2]) if len(o) > 2 and o[2] else None)
             for i in valid for j, o in enumerate(samples[i])]
     device = objs[0][2].device if objs else None
     shape = tuple(objs[0][2].shape) if objs else shape
@@ -121,7 +123,8 @@ def majority_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0.
         scores = [objs[p][3] for p in g]
         clusters.append({'members': [objs[p][:2] for p in g], 'votes': len({objs[p][0] for p in g}),
                          'score': sum(scores) / len(scores),
-                         'label': _most_common(objs[p][4] for p in g), 'kept': False})
+                         'label': _most_common(objs[p][4] for p in g if objs[p][4] is not None),
+                         'kept': False})
     # §10.5: drop thin clusters (unless that drops all), rank by (votes, mean score), keep top K̂
     pool = [k for k, c in enumerate(clusters) if c['votes'] / n_valid >= vote_ratio]
     note = f'{len(clusters) - len(pool)} below vote ratio'

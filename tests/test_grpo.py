@@ -1,6 +1,6 @@
 """Tests for grpo.py: advantages and masked means vs numpy loops, the loss gradient vs its closed
-form (ratio 1, clipping both ways, k3 KL), token/seq aggregation by hand, and token_logprobs on the
-tiny Qwen2.5-VL vs a full-batch log_softmax/gather reference.
+form (ratio 1, clipping both ways, k3 KL, the entropy bonus), token/seq aggregation by hand, and
+token_logprobs (and its entropies) on the tiny Qwen2.5-VL vs a full-batch log_softmax/gather reference.
 Run: cd /work/main && .venv/bin/python -m pytest -q tests/test_grpo.py
 """
 import math
@@ -154,6 +154,60 @@ def test_token_logprobs_matches_full_batch_reference(tiny):
     assert grads[0][0].abs().sum() > 0 and grads[0][1].abs().sum() > 0
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_entropy_and_its_gradient_closed_form():
+    """H = -Σ p log p over the whole vocabulary, from one chunk of hidden states; dH/dz = -p (log p + H),
+    so dH/dh = W^T that (z = W h); and the bonus enters the loss as -coef × its token mean."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 11, bias=False)
+    hidden, target = torch.randn(5, 6, requires_grad=True), torch.randint(0, 11, (5,))
+    logp, ent = G._chunk_logprobs_entropy(head, hidden, target)
+    z = hidden.detach() @ head.weight.detach().T
+    p, lp = torch.softmax(z, -1), torch.log_softmax(z, -1)
+    assert torch.allclose(ent, -(p * lp).sum(-1), atol=1e-6) and torch.allclose(logp, lp[range(5), target], atol=1e-6)
+    ent.sum().backward()
+    assert torch.allclose(hidden.grad, (-p * (lp + ent.detach()[:, None])) @ head.weight.detach(), atol=1e-5)
+    keep = [v for v in range(11) if v not in (2, 5)]  # banned ids: the distribution over the other ids, no NaN
+    hidden.grad = None
+    _, ent = G._chunk_logprobs_entropy(head, hidden, target, torch.tensor([2, 5]))
+    ent.sum().backward()
+    p, lp = torch.softmax(z[:, keep], -1), torch.log_softmax(z[:, keep], -1)
+    assert torch.allclose(ent, -(p * lp).sum(-1), atol=1e-6)
+    assert torch.allclose(hidden.grad, (-p * (lp + ent.detach()[:, None])) @ head.weight.detach()[keep], atol=1e-5)
+    logp = (-torch.rand(3, 4)).requires_grad_()
+    entropy = torch.rand(3, 4, requires_grad=True)
+    adv, mask = torch.tensor([1.0, -1.0, 0.5]), torch.rand(3, 4) > 0.3
+    base, _ = G.grpo_loss(logp, logp.detach(), adv, mask)
+    loss, st = G.grpo_loss(logp, logp.detach(), adv, mask, entropy=entropy, entropy_coef=1e-3)
+    loss.backward()
+    assert loss.item() == pytest.approx(base.item() - 1e-3 * entropy[mask].mean().item(), abs=1e-7)
+    assert torch.allclose(entropy.grad, -1e-3 * mask / mask.sum()) and st['entropy'] == pytest.approx(
+        entropy[mask].mean().item())
+
+
+def test_token_entropies_match_full_batch_reference(tiny):
+    net, proc = tiny
+    images = [Image.fromarray(np.full((56, 56, 3), 90 * i, np.uint8)) for i in range(2)]
+    batch = dict(M.make_inputs(proc, images, ['find the cup'] * 2, ['<think>a red cup</think>', '<answer>[]</answer>']))
+    T = batch['input_ids'].shape[1]
+    batch['response_mask'] = torch.zeros(2, T, dtype=torch.bool)
+    batch['response_mask'][:, T - 5:] = True
+    with torch.no_grad():
+        full = net(**{k: v for k, v in batch.items() if k != 'response_mask'}).logits.float()  # (B, T, V)
+        lp = torch.log_softmax(full, -1)
+        ref = torch.cat([torch.zeros(2, 1), -(lp.exp() * lp).sum(-1)[:, :-1]], 1) * batch['response_mask']
+        logp, ent = G.token_logprobs(net, batch, micro_batch=1, with_entropy=True)
+    assert torch.allclose(ent, ref, atol=1e-5) and (ent[batch['response_mask']] > 0).all()
+    with torch.no_grad():  # the same log-probs (log_softmax then gather vs gather - logsumexp: rounding apart)
+        assert torch.allclose(logp, G.token_logprobs(net, batch, micro_batch=1), atol=1e-5)
+    grads = []
+    for chunk in (512, 3):  # the entropy's gradient is the same through checkpointed chunks
+        net.zero_grad()
+        G.token_logprobs(net, batch, token_chunk=chunk, with_entropy=True)[1].sum().backward()
+        grads.append(net.lm_head.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
 def test_select_images_repeats_per_row_outputs():
