@@ -125,7 +125,8 @@ def _reasonseg_item(where, stem, split):
         lab[m] = 255 if ig else 1
     masks = [t for t in (m & (lab == 1) for ig, m in polys if not ig) if t.any()]  # largest first
     masks = np.array(masks, bool).reshape(-1, *hw)  # (K, H, W)
-    return Sample(f'reasonseg/{split}/{os.path.basename(stem)}', image, query(meta.get('text'), f'{where}: field text'), masks,
+    return Sample(f'reasonseg/{split}/{os.path.basename(stem)}', image,
+                  query(meta.get('text'), f'{where}: field text'), masks,
                   *boxes_points(masks), ignore=lab == 255)
 
 def load_reasonseg(folder, skip_bad=False):

@@ -1,5 +1,5 @@
-"""lora.py: low-rank adapters on the language model of a Qwen-VL policy (SPEC §7), written from
-scratch: wrap, switch off (the KL reference without a second model copy, SPEC §6), merge, save, load.
+"""lora.py: low-rank adapters on the language model of a Qwen-VL policy (method §7), written from
+scratch: wrap, switch off (the KL reference without a second model copy, method §6), merge, save, load.
 
 Only the LM's linear layers get adapters; the vision tower, its merger, the embeddings and lm_head
 stay frozen. B starts at zero, so the adapted model equals the base model at step 0.
@@ -92,7 +92,7 @@ def enable_checkpointing(model, reentrant=False):
 
 @contextlib.contextmanager
 def lora_disabled(model):
-    """Run the frozen base model (the KL reference, SPEC §6) inside the block."""
+    """Run the frozen base model (the KL reference, method §6) inside the block."""
     mods = [m for _, m in lora_modules(model)]
     if any(m.merged for m in mods):
         raise RuntimeError('lora_disabled on a merged model: call unmerge_lora(model) first')

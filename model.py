@@ -1,5 +1,5 @@
 """model.py: the policy side of StAR: load a Qwen-VL checkpoint (or build a tiny one), write the
-prompt (SPEC §1-2). Reading its answer (parse, map coordinates back) is answer.py, re-exported here.
+prompt (method §1-2). Reading its answer (parse, map coordinates back) is answer.py, re-exported here.
 
 The segmenter side (SAM, the embedding cache) is in segment.py.
 Tested by: python -m pytest tests/test_model.py
@@ -9,7 +9,7 @@ import torch
 
 from answer import MAX_OBJECTS, parse_answer, place_answers, to_model, to_original  # noqa: F401 (re-exported)
 
-# ----------------------------------------------------------------------------- prompts (SPEC §2)
+# ----------------------------------------------------------------------------- prompts (method §2)
 # Our own wording. {question} is the normalised query. A released checkpoint should be evaluated
 # with the prompt it was trained on: pass --prompt-file, or ship prompt.txt in the checkpoint dir.
 PROMPT = ('Please find "{question}" in the image. Think step by step inside <think> </think> tags: '
@@ -44,7 +44,7 @@ def template_name(name, label=True):
 
 
 def normalize_query(q):
-    """Lower-case and drop trailing . ? ! and quotes (SPEC §2)."""
+    """Lower-case and drop trailing . ? ! and quotes (method §2)."""
     return q.strip().lower().rstrip('.?!" ').strip()
 
 
@@ -66,7 +66,7 @@ def load_template(path_or_name, ckpt_dir=None):
     return text
 
 
-# ----------------------------------------------------------------------------- loading (SPEC §1)
+# ----------------------------------------------------------------------------- loading (method §1)
 def _check_dir(path, weights=True):
     if not os.path.isdir(path):
         raise FileNotFoundError(f'model checkpoint {path!r} is not a directory')

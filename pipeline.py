@@ -125,7 +125,8 @@ def update_batch(rollouts, rows):
     ids = torch.cat([rollouts.prompt_ids.expand(k, P), rollouts.responses[rows]], 1)
     att = torch.cat([torch.ones(k, P, dtype=torch.long, device=ids.device), resp.long()], 1)
     return dict(input_ids=ids, attention_mask=att, response_mask=torch.cat([torch.zeros_like(att[:, :P]), resp], 1),
-                image_grid_thw=rollouts.image_grid_thw.expand(k, -1), vision=grpo.select_images(rollouts.vision, [0] * k),
+                image_grid_thw=rollouts.image_grid_thw.expand(k, -1),
+                vision=grpo.select_images(rollouts.vision, [0] * k),
                 banned=rollouts.banned)
 
 

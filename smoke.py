@@ -17,7 +17,8 @@ import torch
 
 import lora, rewards, tiny
 
-p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument('--arch', default='qwen2.5-vl-7b', choices=sorted(tiny.ARCHS), help='configuration')
 p.add_argument('--layers', type=int, default=None, help='language-model layers (default: all)')
 p.add_argument('--vision-layers', type=int, default=None, help='vision blocks (default: --layers if given, else all)')
@@ -111,7 +112,8 @@ for r in log:
           f"{r['t_generate']:.1f}, reward {r['t_reward']:.1f}, update {r['t_update']:.1f}), "
           f"mean response {r['resp_len']:.0f} tokens")
 prompt = run['rolls'][0].prompt_ids
-print(f"[smoke] input {run['args'].image_size}² -> {int((prompt == run['net'].config.image_token_id).sum())} image tokens "
+n_image_tokens = int((prompt == run['net'].config.image_token_id).sum())
+print(f"[smoke] input {run['args'].image_size}² -> {n_image_tokens} image tokens "
       f"of a {len(prompt)}-token prompt; vocabulary {run['net'].config.get_text_config().vocab_size:,}")
 print(f'[smoke] lora_A: {100 * (moved != 0).float().mean():.1f}% of {moved.numel():,} entries moved, '
       f'median |change| {moved.abs().median():.2e} (lr {lr:g}); adapters {next(iter(initial.values())).dtype}')

@@ -131,7 +131,8 @@ def build_config_dir(out_dir, arch, layers=None, vision_layers=None, text=None, 
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
     import model as M
     spec, qwen3 = ARCHS[arch], arch.startswith('qwen3')
-    tc = {**spec['text'], **(text or {}), 'eos_token_id': QWEN_IDS['<|im_end|>'], 'pad_token_id': QWEN_IDS['<|endoftext|>'],
+    tc = {**spec['text'], **(text or {}), 'eos_token_id': QWEN_IDS['<|im_end|>'],
+          'pad_token_id': QWEN_IDS['<|endoftext|>'],
           'bos_token_id': QWEN_IDS['<|endoftext|>'], 'tie_word_embeddings': False}
     vc = {**spec['vision'], **(vision or {})}
     if layers:
@@ -143,7 +144,8 @@ def build_config_dir(out_dir, arch, layers=None, vision_layers=None, text=None, 
                 vc[key] = [i for i in vc[key] if i < vision_layers] or [vision_layers - 1]
     ids = dict(image_token_id=QWEN_IDS['<|image_pad|>'], video_token_id=QWEN_IDS['<|video_pad|>'],
                vision_start_token_id=QWEN_IDS['<|vision_start|>'], vision_end_token_id=QWEN_IDS['<|vision_end|>'])
-    cfg = (Qwen3VLConfig if qwen3 else Qwen2_5_VLConfig)(text_config=tc, vision_config=vc, tie_word_embeddings=False, **ids)
+    config_class = Qwen3VLConfig if qwen3 else Qwen2_5_VLConfig
+    cfg = config_class(text_config=tc, vision_config=vc, tie_word_embeddings=False, **ids)
     os.makedirs(out_dir, exist_ok=True)
     cfg.save_pretrained(out_dir)
     GenerationConfig(bos_token_id=QWEN_IDS['<|endoftext|>'], pad_token_id=QWEN_IDS['<|endoftext|>'],
@@ -153,8 +155,9 @@ def build_config_dir(out_dir, arch, layers=None, vision_layers=None, text=None, 
     px = {k: v for k, v in spec['pixels'].items()}
     image_processor = Qwen2VLImageProcessor(merge_size=2, temporal_patch_size=2, **px)
     video = (Qwen3VLVideoProcessor if qwen3 else Qwen2VLVideoProcessor)(merge_size=2, temporal_patch_size=2, **px)
-    (Qwen3VLProcessor if qwen3 else Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tok, video_processor=video,
-                                                         chat_template=CHAT_TEMPLATE).save_pretrained(out_dir)
+    processor_class = Qwen3VLProcessor if qwen3 else Qwen2_5_VLProcessor
+    processor_class(image_processor=image_processor, tokenizer=tok, video_processor=video,
+                    chat_template=CHAT_TEMPLATE).save_pretrained(out_dir)
     return out_dir
 
 

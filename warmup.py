@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoint, pipeline, world
+import checkpoint, pipeline, vis, world
 import model as M
 import segment as S
 
@@ -38,7 +38,8 @@ def pretrain_vision(net, head, proc, args):
     params = list(net.model.visual.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     for step in tqdm(range(args.vision_steps), desc='stage 0 vision'):
-        loss, _ = attribute_loss(net, head, world.attribute_batch(proc, 'train', ATTR_BASE + 32 * step, 32, args.image_size))
+        batch = world.attribute_batch(proc, 'train', ATTR_BASE + 32 * step, 32, args.image_size)
+        loss, _ = attribute_loss(net, head, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -97,8 +98,10 @@ def run(args, config, ckpt, log, prompt):
         if args.eval_every and (step + 1) % args.eval_every == 0:
             rec['val_giou'], rec['val_example'] = pipeline.heldout_giou(
                 net, proc, seg, val, template, args.image_size, 'pixel', args.max_new_tokens)
-            tqdm.write(f"step {step + 1}: loss {rec['loss']:.3f} val gIoU {rec['val_giou']:.3f} | {rec['val_example'][:80]}")
+            tqdm.write(f"step {step + 1}: loss {rec['loss']:.3f} val gIoU {rec['val_giou']:.3f} | "
+                       f"{rec['val_example'][:80]}")
         log(rec)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             checkpoint.save(ckpt, save_weights, opt, step + 1, config, template)
+            vis.plot_training_curves(os.path.join(args.out, 'log.jsonl'), os.path.join(args.out, 'curves.png'))
     print(f'[train] stage 0 done: {ckpt}')

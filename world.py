@@ -13,7 +13,7 @@ the knowledge cues (wheel, grass, ...) are shared. Stage 0 also sees reasoning q
 meaning is a query-blind guess (`guess=True`), and bare-cue facts ("grass" -> think "green"): the
 base knows what each cue means, as a pretrained model would, and keeps trying different meanings
 inside reasoning queries; using that knowledge there is left for RL. Why a grid: a tiny
-model from scratch only learns to read positions with coarse layouts (see ../shared/notes/).
+model from scratch only learns to read positions with coarse layouts (docs/experiments.md, "Stage 0").
 Tested by: python -m pytest tests/test_world.py
 """
 import json
@@ -181,7 +181,7 @@ def sample(split, index, families=FAMILIES, guess=False):
 
 
 def _peak(mask, box):
-    """GT point: the distance-transform peak (SPEC §11), computed on the box crop for speed."""
+    """GT point: the distance-transform peak (method §11), computed on the box crop for speed."""
     x1, y1, x2, y2 = box.astype(int)
     crop = np.pad(mask[y1:y2 + 1, x1:x2 + 1], 1)
     y, x = np.unravel_index(ndimage.distance_transform_edt(crop).argmax(), crop.shape)
@@ -231,7 +231,8 @@ def attribute_batch(proc, split, start, n, image_size):
             idx.append((len(imgs) - 1) * side * side + r * side + c)
             col.append(list(COLORS).index(o['color']))
             shp.append(SHAPES.index(o['shape']))
-    return proc.image_processor(images=imgs, return_tensors='pt'), torch.tensor(idx), torch.tensor(col), torch.tensor(shp)
+    pixels = proc.image_processor(images=imgs, return_tensors='pt')
+    return pixels, torch.tensor(idx), torch.tensor(col), torch.tensor(shp)
 
 
 def vocabulary():

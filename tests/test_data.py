@@ -227,8 +227,10 @@ def test_stage1_rows(tmp_path):
     ('solution_mask', [MA.tolist()], 'field solution_mask has 1 masks for 2 objects'),
     ('solution_mask', [MA.tolist(), MB[:8].tolist()],
      r'field solution_mask\[1\]: mask shape \(8, 16\)'),
-    ('solution', json.dumps([{'bbox_2d': [3, 2, float('nan'), 4], 'point_2d': [5, 3]}] * 2), 'field solution has a NaN or infinite'),
-    ('solution', json.dumps([{'bbox_2d': [8, 2, 3, 4], 'point_2d': [5, 3]}] * 2), 'field solution has an inverted box')])
+    ('solution', json.dumps([{'bbox_2d': [3, 2, float('nan'), 4], 'point_2d': [5, 3]}] * 2),
+     'field solution has a NaN or infinite'),
+    ('solution', json.dumps([{'bbox_2d': [8, 2, 3, 4], 'point_2d': [5, 3]}] * 2),
+     'field solution has an inverted box')])
 def test_stage1_corrupt_row(tmp_path, col, value, match):
     path = two_rows_second_bad(tmp_path, stage1_rows(rgb(16, 16, 3)), col, value)
     with pytest.raises(data.BadData, match=r'bad\.parquet: row 1: ' + match):

@@ -150,7 +150,8 @@ def test_token_logprobs_matches_full_batch_reference(tiny):
     for chunk in (512, 3):  # gradients reach the weights, the same through checkpointed chunks
         net.zero_grad()
         G.token_logprobs(net, batch, micro_batch=2, token_chunk=chunk).sum().backward()
-        grads.append([p.grad.clone() for p in (net.lm_head.weight, net.model.language_model.layers[0].mlp.up_proj.weight)])
+        watched = (net.lm_head.weight, net.model.language_model.layers[0].mlp.up_proj.weight)
+        grads.append([p.grad.clone() for p in watched])
     assert grads[0][0].abs().sum() > 0 and grads[0][1].abs().sum() > 0
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -47,7 +47,7 @@ def randomize_B(net, seed=1, std=0.1):
 
 def test_targets_freezing_and_count(tiny_dir):
     net = fresh(tiny_dir)
-    # Independent list of what SPEC §7 wants: the 7 projections of every LM decoder layer.
+    # Independent list of what method §7 wants: the 7 projections of every LM decoder layer.
     want = {f'model.language_model.layers.{i}.{p}' for i in range(net.config.text_config.num_hidden_layers)
             for p in ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj',
                       'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj')}

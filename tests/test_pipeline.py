@@ -15,7 +15,8 @@ import model as M
 
 torch.set_num_threads(2)
 NARROW = dict(text=dict(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=1,
-                        head_dim=128), vision=dict(hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256))
+                        head_dim=128),
+              vision=dict(hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256))
 
 
 @pytest.fixture(scope='module', params=['qwen2.5-vl-7b', 'qwen3-vl-8b'])

@@ -50,6 +50,7 @@ def test_stage0_trains_the_base(tmp_path):
     rec = records(out)
     assert [r['step'] for r in rec] == [1, 2] and all(torch.isfinite(torch.tensor(r['loss'])) for r in rec)
     assert 0.0 <= rec[-1]['val_giou'] <= 1.0
+    assert os.path.isfile(os.path.join(out, 'curves.png'))  # the loss curve, written at each save
     a, _ = M.load_policy(os.path.join(out, 'init'))
     b, _ = M.load_policy(os.path.join(out, 'last'))
     changed = [n for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()) if not torch.equal(x, y)]
@@ -252,7 +253,8 @@ def test_token_mean_counts_every_kept_rollout(kl, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, 'generate', lambda *a, **k: kept.extend(real_generate(*a, **k)) or kept[-2:])
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, 'argv', ['train.py', '--stage', '1', *map(str, RL), '--group', '3', '--rollouts', '3',
-                                      '--micro-batch', '1', '--kl-coef', str(kl), '--steps', '1', '--out', str(tmp_path)])
+                                      '--micro-batch', '1', '--kl-coef', str(kl), '--steps', '1',
+                                      '--out', str(tmp_path)])
     runpy.run_path('train.py', run_name='__main__')
     all_kept = sum(int(r.mask.sum()) for r in kept)                        # both prompts, all 3 rows
     forwarded = int(kept[0].mask[[0, 2]].sum()) if kl == 0 else all_kept  # rewards 1 and 3: advantage != 0

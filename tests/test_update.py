@@ -116,7 +116,8 @@ def test_full_checkpoint_round_trip_and_what_eval_reads(bare, tmp_path):
     update.setup(net, 'full', 16, 32)
     with torch.no_grad():
         net.lm_head.weight.mul_(1.5)
-    meta = dict(base=bare, stage=1, step=3, image_size=56, coord_mode='pixel', label=False, reward='star', tuning='full')
+    meta = dict(base=bare, stage=1, step=3, image_size=56, coord_mode='pixel', label=False, reward='star',
+                tuning='full')
     update.save_weights(net, proc, str(tmp_path), 'full', meta)
     again, _ = M.load_policy(bare)
     update.setup(again, 'full', 16, 32)

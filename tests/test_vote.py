@@ -1,4 +1,4 @@
-"""Tests for vote.py (SPEC §10): hand-built voting cases, and a straightforward numpy reference
+"""Tests for vote.py (method §10): hand-built voting cases, and a straightforward numpy reference
 (IoU of each candidate against each cluster's first member, in python loops) that must give the
 identical mask on many random sample sets. bench.py may import reference_vote / random_samples.
 Run: python -m pytest -q tests/test_vote.py
@@ -21,7 +21,7 @@ def np_iou(a, b):  # exact, no epsilon (method §10.4); two empty masks: 0
 
 def reference_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0.2,
                    agg='best', pixel_thresh=0.5, shape=None):
-    """The SPEC §10 rule written the plain way. Returns (mask or None, [(members, votes, kept)])."""
+    """The method §10 rule written the plain way. Returns (mask or None, [(members, votes, kept)])."""
     objs = [(i, j, np.asarray(m, bool), s) for i, smp in enumerate(samples) if smp
             for j, (m, s, _) in enumerate(smp)]
     shape = objs[0][2].shape if objs else shape
