@@ -58,12 +58,11 @@ r.add_argument('--sam', metavar='PATH', help='transformers SAM 2 / 2.1 checkpoin
 r.add_argument('--sam-type', default='vit_h', choices=['vit_b', 'vit_l', 'vit_h'], help='SAM size (default: vit_h)')
 r.add_argument('--data', metavar='PATH', help='ReasonSeg folder or HF parquet/arrow rows (default: synthetic test)')
 r.add_argument('--skip-bad', action='store_true', help='skip corrupt rows of --data, counted in one warning')
-r.add_argument('--image-size', type=int, metavar='PX',
-               help='model input side (default: adapter meta, else 840 or what the processor keeps)')
+r.add_argument('--image-size', type=int, metavar='PX', help='model input side (default: adapter meta, else 840 '
+               'or what the processor keeps)')
 r.add_argument('--coord-mode', choices=['pixel', 'grid1000', 'unit', 'auto'],
                help='answer coordinates (default: adapter meta, else by model type)')
-r.add_argument('--prompt-file', metavar='FILE',
-               help='prompt template with {question} (default: the base\'s prompt.txt, else ours)')
+r.add_argument('--prompt-file', metavar='FILE', help="template with {question} (default: base's prompt.txt, else ours)")
 r.add_argument('--max-new-tokens', type=int, metavar='T',
                help=f'longest response (default: 2048; sandbox {predict.SANDBOX_NEW_TOKENS})')
 s = p.add_argument_group('sandbox (no --model): sandbox/stage0 + the newest runs/stage{2,1} adapter, synthetic test')
@@ -266,6 +265,7 @@ if ddp:  # exact merge: every rank's per-query sums go to rank 0, which aggregat
     parts = parallel.gather_objects(records)
     records = [r for part in parts for r in part] if rank == 0 else []
     os.remove(part_path)  # each rank its own: the nodes need not share a filesystem
+    parallel.barrier()  # nobody tears the group down while a peer's gather is in flight (gloo aborts)
     dist.destroy_process_group()
 if rank != 0:
     sys.exit(0)
