@@ -180,14 +180,18 @@ def test_interrupted_save_and_resume_bookkeeping(two_steps, tmp_path):
 
 def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     out = str(tmp_path)
-    proc = subprocess.Popen([sys.executable, 'train.py', '--stage', '1', *RL, '--steps', '50', '--out', out],
+    # many more steps than can finish before the signal (50 steps take ~10 s: a slow poll once let them all finish)
+    proc = subprocess.Popen([sys.executable, 'train.py', '--stage', '1', *RL, '--steps', '5000', '--out', out],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = os.path.join(out, 'log.jsonl')
     while not (os.path.isfile(log) and open(log).read().count('\n') >= 1):
         time.sleep(0.5)
         assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=240)
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()  # only if the signal was lost: the run would go on for 5,000 steps
     assert proc.returncode != 0 and 'Traceback' not in err and '--resume' in err.splitlines()[-1]
     done = lora.read_lora(os.path.join(out, 'last', 'adapter.safetensors'))[1]['step']
     assert done >= 1 and done == max(r['step'] for r in records(out))
