@@ -1,4 +1,4 @@
-"""Fuzz and timing tests for what a model may write (method §2, §3, §5; issue #17): nothing raises,
+"""Fuzz and timing tests for what a model may write (method §2, §3, §5): nothing raises,
 every reward stays in range, and no call takes more than 50 ms of CPU time on any text up to 200,000
 characters (a degenerate 2,048-token rollout must not stall a training step).
 - 20,000 generated answers (near-valid structures with typos, huge numbers, nested junk, unclosed or
