@@ -180,9 +180,11 @@ def test_interrupted_save_and_resume_bookkeeping(two_steps, tmp_path):
 
 def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     out = str(tmp_path)
-    # many more steps than can finish before the signal (50 steps take ~10 s: a slow poll once let them all finish)
+    # SIGINT back to its default in the child: a job started in the background by a non-interactive shell
+    # (nohup cmd &) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, 'train.py', '--stage', '1', *RL, '--steps', '5000', '--out', out],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = os.path.join(out, 'log.jsonl')
     while not (os.path.isfile(log) and open(log).read().count('\n') >= 1):
         time.sleep(0.5)
