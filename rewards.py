@@ -9,9 +9,9 @@ Tested by: python -m pytest tests/test_rewards.py tests/test_fuzz.py
 """
 import re
 import numpy as np
-import torch
 from scipy.optimize import linear_sum_assignment
 import answer as A
+import iou
 import segment as S
 
 MASK_BUDGET = 1 << 27  # bytes of bool masks score_group holds at once (128 MiB: 32 masks of 4 MP)
@@ -51,9 +51,10 @@ def format_reward(text, label=True):
 
 
 def _format(text, items, label=True):
-    """format_reward from the text and its decoded answer items (None without an <answer> block)."""
+    """format_reward from the text and its decoded answer items (answer.answer_items, either mode): the
+    fields earn credit only from an <answer> block, so items decoded from bare JSON earn nothing."""
     tags = 1.0 if _tags_match(text.strip()) else 0.0
-    if not items:  # unparsable or empty answer: no field credit
+    if not items or A.answer_block(text) is None:  # unparsable, empty, or not in an answer block
         return tags
     fields = [A.object_fields(o) for o in items if isinstance(o, dict) and o]
     if label:
@@ -73,42 +74,10 @@ def non_repeat_reward(text):
     return 0.0 if repeats >= 2 else 1.0
 
 
-def mask_tier(iou):
+def mask_tier(value):
     """IoU -> tier 0-5 (≤.3:0, ≤.5:1, ≤.7:2, ≤.8:3, ≤.9:4, else 5); works on scalars and arrays."""
-    t = (np.asarray(iou, float)[..., None] > _TIER_EDGES).sum(-1)
+    t = (np.asarray(value, float)[..., None] > _TIER_EDGES).sum(-1)
     return int(t) if t.ndim == 0 else t
-
-
-def _bits(masks):
-    """(K, H, W) bool masks (numpy or torch) -> (K, ceil(H*W/8)) uint8, 8 pixels a byte."""
-    masks = np.asarray(masks.cpu() if isinstance(masks, torch.Tensor) else masks, bool)
-    return np.packbits(masks.reshape(len(masks), int(np.prod(masks.shape[1:]))), axis=1)
-
-
-def _iou_bits(a, b):
-    """Packed masks (M, P) x (N, P) -> (M, N) float64 IoU, inter / (union + 1e-6) (method §5). Counts are
-    exact popcounts of the ANDed bits: no float copy of the masks, and the AND reads 1/8 of their bytes."""
-    area_a, area_b = np.bitwise_count(a).sum(1, dtype=np.int64), np.bitwise_count(b).sum(1, dtype=np.int64)
-    inter = np.zeros((len(a), len(b)), np.int64)
-    for j, g in enumerate(b):
-        inter[:, j] = np.bitwise_count(a & g).sum(1, dtype=np.int64)
-    return inter / (area_a[:, None] + area_b[None] - inter + 1e-6)
-
-
-def mask_iou_matrix(a, b):
-    """(M,H,W) x (N,H,W) bool -> (M,N) float64 numpy, inter / (union + 1e-6)."""
-    return _iou_bits(_bits(a), _bits(b))
-
-
-def box_iou_matrix(a, b):
-    """(M,4) x (N,4) x1,y1,x2,y2 -> (M,N) IoU with the +1-pixel convention, (x2-x1+1)(y2-y1+1)."""
-    a = np.asarray(a, float).reshape(-1, 4)[:, None]  # (M, 1, 4)
-    b = np.asarray(b, float).reshape(-1, 4)[None]     # (1, N, 4)
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1, 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1, 0, None)
-    area = lambda x: (x[..., 2] - x[..., 0] + 1) * (x[..., 3] - x[..., 1] + 1)  # noqa: E731
-    inter = iw * ih
-    return inter / (area(a) + area(b) - inter)
 
 
 def stage1_pair_scores(tiers, pred_boxes, pred_points, gt_boxes, gt_points):
@@ -118,7 +87,7 @@ def stage1_pair_scores(tiers, pred_boxes, pred_points, gt_boxes, gt_points):
     pb, pp = np.asarray(pred_boxes, float).reshape(-1, 4), np.asarray(pred_points, float).reshape(-1, 2)
     gb, gp = np.asarray(gt_boxes, float).reshape(-1, 4), np.asarray(gt_points, float).reshape(-1, 2)
     with np.errstate(all='ignore'):  # absurd coordinates (1e308) overflow to inf/nan: just fail
-        box_ok = box_iou_matrix(pb, gb) > 0.5
+        box_ok = iou.box_iou_matrix(pb, gb) > 0.5
         l1_ok = np.abs(pb[:, None] - gb[None]).mean(-1) < 10
         near = np.sqrt(((pp[:, None] - gp[None]) ** 2).sum(-1)) < 30
         inside = ((pb[:, 0] <= pp[:, 0]) & (pp[:, 0] <= pb[:, 2]) &
@@ -193,11 +162,7 @@ def _score(text, items, objects, ious, sample, stage, accuracy='star', label=Tru
     """One rollout: its decoded answer items, objects (parsed, original px, or None) and their mask IoUs
     (M,N) with the GT (None for the mask-free 'visionreasoner' accuracy, which scores both stages alike).
     The items are decoded once for both the format and the objects (~20 ms for 200k characters)."""
-    _check(stage, accuracy)
-    fmt = 0.0
-    if isinstance(text, str):  # bare JSON (no <answer> block) parses to objects but earns no field credit
-        fmt = _format(text, items if A.answer_block(text) is not None else None, label)
-    rep = non_repeat_reward(text)
+    fmt, rep = _format(text, items, label) if isinstance(text, str) else 0.0, non_repeat_reward(text)
     acc, tier = 0.0, 0.0  # unparsable: no accuracy
     if objects is not None and accuracy == 'visionreasoner':
         acc, tier = visionreasoner_accuracy(*_geometry(objects, sample))
@@ -213,6 +178,7 @@ def reward(text, sample, masks, stage, objects=None, accuracy='star', label=True
     """One response -> (total, components). masks (K,H,W): the predicted mask of each object, aligned
     with `objects` (the parsed objects in original px; default answer.parse_answer(text) as is); unused
     (may be None) with accuracy='visionreasoner'. label=False: the label-free format term."""
+    _check(stage, accuracy)
     items = A.answer_items(text) if isinstance(text, str) else None
     if objects is None:
         objects = A.answer_objects(items)
@@ -220,7 +186,7 @@ def reward(text, sample, masks, stage, objects=None, accuracy='star', label=True
         return _score(text, items, objects, None, sample, stage, accuracy, label)
     if len(masks) != len(objects):
         raise ValueError(f'{len(masks)} masks for {len(objects)} objects')
-    return _score(text, items, objects, mask_iou_matrix(masks, sample.masks), sample, stage, accuracy, label)
+    return _score(text, items, objects, iou.mask_iou_matrix(masks, sample.masks), sample, stage, accuracy, label)
 
 
 def score_group(texts, sample, segmenter, stage, input_wh, coord_mode='pixel', key=None, chunk=None,
@@ -241,11 +207,11 @@ def score_group(texts, sample, segmenter, stage, input_wh, coord_mode='pixel', k
     flat = [o for objs in answers for o in objs or []]
     chunk = chunk or max(1, MASK_BUDGET // (H * W))
     key = sample.id if key is None else key
-    gt = _bits(sample.masks)
+    gt = iou.pack_masks(sample.masks)
     ious = [np.zeros((0, len(gt)))]
     for i in range(0, len(flat), chunk):
         masks, _ = S.segment(segmenter, sample.image, flat[i:i + chunk], key=key)  # (c, H, W) bool
-        ious.append(_iou_bits(_bits(masks), gt))                                   # (c, N)
+        ious.append(iou.packed_iou(iou.pack_masks(masks), gt))                      # (c, N)
     ious, out, start = np.concatenate(ious), [], 0
     for text, its, objs in zip(texts, items, answers):
         m = len(objs or [])

@@ -70,7 +70,7 @@ def policy_loss(net, rollouts, kept, adv, n_tok, micro_batch=8, clip_eps=0.2, re
     reference network (setup's). every_row (train.py --shard): zero-advantage rows are forwarded too (they
     add exactly 0), so every rank makes the same number of passes through the sharded layers, whose
     all-gathers must pair up. -> (loss share, [stats per micro-batch])."""
-    dense = kl_coef > 0 or entropy_coef > 0 or every_row  # terms that reach every token, whatever its advantage
+    dense = kl_coef > 0 or entropy_coef > 0 or every_row  # A = 0 rows forwarded: KL / entropy reach them, or --shard
     rows = kept if dense else kept[adv != 0]
     adv = adv if dense else adv[adv != 0]
     total, stats = 0.0, []
