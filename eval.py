@@ -14,11 +14,11 @@ and says so; an explicit --out that holds an eval is refused.
 Tested by: python -m pytest tests/test_eval.py tests/test_stats.py
 """
 import argparse, json, os, sys, time
-import numpy as np
 import torch
 from tqdm import tqdm
 
-import data, model as M, parallel, pipeline, predict, stats, vis, world
+import data, inference, parallel, pipeline, stats, vis
+from sandbox import world
 
 TEST_SIZE = 1000  # synthetic test queries: a paired SE of about 1.5 points on the reasoning types
 
@@ -64,15 +64,15 @@ r.add_argument('--coord-mode', choices=['pixel', 'grid1000', 'unit', 'auto'],
                help='answer coordinates (default: adapter meta, else by model type)')
 r.add_argument('--prompt-file', metavar='FILE', help="template with {question} (default: base's prompt.txt, else ours)")
 r.add_argument('--max-new-tokens', type=int, metavar='T',
-               help=f'longest response (default: 2048; sandbox {predict.SANDBOX_NEW_TOKENS})')
+               help=f'longest response (default: 2048; sandbox {inference.SANDBOX_NEW_TOKENS})')
 s = p.add_argument_group('sandbox (no --model): sandbox/stage0 + the newest runs/stage{2,1} adapter, synthetic test')
-s.add_argument('--threads', type=int, metavar='K', help=f'CPU threads (default: {predict.SANDBOX_THREADS} in the '
+s.add_argument('--threads', type=int, metavar='K', help=f'CPU threads (default: {inference.SANDBOX_THREADS} in the '
                'sandbox, fixed: same command, same numbers; torch\'s own with --model)')
 args = p.parse_args()
 
 
 def fail(msg):
-    predict.fail('eval', msg)
+    inference.fail('eval', msg)
 
 
 def read_eval(folder):
@@ -102,7 +102,7 @@ def score_query(sample, answers, ns, agg='best'):
     to draw). ns: vote sizes, each voting on the first n answers; one answer alone is greedy."""
     gt, rec = sample.gt_mask, dict(curve={})
     for n in ns:
-        pred, layers, clusters, reason = predict.combine(answers, n, agg, gt.shape)
+        pred, layers, clusters, reason = inference.combine(answers, n, agg, gt.shape)
         rec['curve'][str(n)] = pipeline.sample_iou(pred, gt, sample.ignore)
     rec['inter'], rec['union'] = rec['curve'][str(ns[-1])]
     rec.update(iou=rec['inter'] / rec['union'] if rec['union'] else 1.0, gt_empty=not gt.any(),
@@ -189,7 +189,7 @@ ddp, rank, world_size, args.device = parallel.init_distributed(args.device, args
 if ddp:
     import torch.distributed as dist
 sandbox = args.model is None
-base, adapter, meta = predict.resolve(args.model, args.adapter, 'eval')
+base, adapter, meta = inference.resolve(args.model, args.adapter, 'eval')
 try:
     samples = data.load_dataset(args.data, args.skip_bad)[:args.n] if args.data else \
         world.dataset('test', args.n or TEST_SIZE)
@@ -217,10 +217,10 @@ os.makedirs(out, exist_ok=True)  # on another node without a shared filesystem t
 part = open(part_path, 'w')
 
 # ------------------------------------------------------------------ 3. model, segmenter, prompt
-pol = predict.load('eval', base, adapter, meta, args.device, args.image_size, args.coord_mode, args.prompt_file,
+pol = inference.load('eval', base, adapter, meta, args.device, args.image_size, args.coord_mode, args.prompt_file,
                    args.sam, args.sam_type, args.threads, sandbox)
 image_size, coord_mode = pol['image_size'], pol['coord_mode']
-max_new = args.max_new_tokens or (predict.SANDBOX_NEW_TOKENS if sandbox else 2048)
+max_new = args.max_new_tokens or (inference.SANDBOX_NEW_TOKENS if sandbox else 2048)
 if args.data and not args.sam and rank == 0:
     print('[eval] WARNING: --data without --sam: the colour segmenter only suits the synthetic world')
 if rank == 0:

@@ -157,4 +157,3 @@ def make_inputs(processor, images, prompts, answers=None):
     return processor(text=texts, images=list(images), padding=True, return_tensors='pt')
 
 
-from tiny import build_tiny_policy  # noqa: E402,F401  (re-exported: model.build_tiny_policy)

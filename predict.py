@@ -5,103 +5,16 @@ mask (method §1-4; --vote N: mask voting over N samples, method §10).
   python predict.py --image photo.jpg --query "where can I sit" --model Qwen2.5-VL-7B \\
       --adapter runs/stage2/last/adapter.safetensors --sam sam_vit_h.pth --sam-type vit_h --vote 8
 Writes <out>/<image name>.png (image | prediction: masks, boxes, points, labels; the query as title)
-and <out>/<image name>_mask.png. Also holds what eval.py shares: resolve() (which base and adapter),
-load() (policy, segmenter, prompt, input size, coordinates) and combine() (answers -> one mask).
+and <out>/<image name>_mask.png. Loading and voting: inference.py.
 Tested by: python -m pytest tests/test_predict.py
 """
-import argparse, json, os, sys
+import argparse, json, os
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-import checkpoint, data, lora, pipeline, update, vis, vote
-import model as M
-import segment as S
-
-SANDBOX_BASE, SANDBOX_THREADS, SANDBOX_NEW_TOKENS = 'sandbox/stage0', 1, 160
-
-
-def fail(tool, msg):
-    sys.exit(f'[{tool}] error: {msg}')
-
-
-def resolve(model, adapter, tool='eval'):
-    """Which base and adapter to run, checked before anything loads -> (base, adapter, the training
-    metadata: the adapter's, else the train_meta.json of a fully tuned checkpoint given as --model).
-    Without --model (the sandbox): the newest runs/stage2, else runs/stage1 adapter (else none), on
-    the base its metadata names, else sandbox/stage0."""
-    if model is None and adapter is None:
-        for k in (2, 1):
-            path = f'runs/stage{k}/last/adapter.safetensors'
-            if checkpoint.recover(f'runs/stage{k}/last') and os.path.isfile(path):  # repairs a half-saved one
-                adapter = path
-                break
-            if os.path.isdir(f'runs/stage{k}'):
-                print(f'[{tool}] note: runs/stage{k} has no last/adapter.safetensors (stage not finished?)')
-    meta = {}
-    if adapter is not None:
-        if not os.path.isfile(adapter):
-            fail(tool, f'--adapter {adapter}: no such file')
-        try:  # refuses a truncated or garbled file and NaN/inf tensors
-            meta = lora.read_lora(adapter)[1]
-        except ValueError as e:
-            fail(tool, f'--adapter: {e}')
-    own = os.path.join(model or '', update.META_FILE)
-    if adapter is None and model and os.path.isfile(own):  # train.py --tuning full wrote this checkpoint
-        try:
-            meta = json.load(open(own))
-        except ValueError as e:
-            fail(tool, f'--model: {own} is not JSON ({e})')
-    base = model or meta.get('base') or SANDBOX_BASE
-    if not os.path.isfile(os.path.join(base, 'config.json')):
-        fail(tool, f'--model {base}: not a checkpoint directory (no config.json)' if model else
-             f'no sandbox base at {base}: run `python train.py --stage 0` first, or pass --model DIR')
-    return base, adapter, meta
-
-
-def load(tool, base, adapter, meta, device, image_size=None, coord_mode=None, prompt_file=None, sam=None,
-         sam_type='vit_h', threads=None, sandbox=True):
-    """-> dict(net, proc, seg, template, image_size, coord_mode). Input side and coordinate mode come
-    from the flags, else the training metadata (resolve), else the processor / model type; the prompt
-    from --prompt-file, else the base's prompt.txt, else our eval template, label-free when the model
-    was trained with --no-label. In the sandbox the
-    CPU thread count is fixed (SANDBOX_THREADS unless `threads`): same command, same numbers, and two
-    jobs on two cores do not slow each other down tenfold."""
-    if threads or (sandbox and str(device) == 'cpu'):
-        torch.set_num_threads(threads or SANDBOX_THREADS)
-    try:
-        net, proc = M.load_policy(base, device=device, adapter=adapter)
-    except Exception as e:  # noqa: BLE001 - a bad checkpoint / adapter becomes one line
-        fail(tool, f'cannot load {base}' + (f' with {adapter}' if adapter else '') + f': {type(e).__name__}: {e}')
-    size = image_size or meta.get('image_size') or M.default_image_size(proc)
-    unit = getattr(proc.image_processor, 'patch_size', 14) * getattr(proc.image_processor, 'merge_size', 2)
-    if size % unit:
-        fail(tool, f'--image-size {size}: must be a multiple of {unit} (one visual token) for this model')
-    try:
-        template = M.load_template(prompt_file or M.template_name('eval', meta.get('label', True)), base)
-        seg = S.load_segmenter(sam, sam_type, device) if sam else S.ColorSegmenter()
-    except Exception as e:  # noqa: BLE001
-        fail(tool, str(e))
-    return dict(net=net, proc=proc, seg=seg, template=template, image_size=size,
-                coord_mode=coord_mode or meta.get('coord_mode') or M.default_coord_mode(net))
-
-
-def combine(answers, n, agg='best', shape=None):
-    """The segmented answers of one query (pipeline.segment_answers) -> (mask (H, W) bool, layers
-    to draw (vis.layer), vote clusters, reason). One answer alone is greedy: the union of its objects;
-    otherwise the first n vote (method §10; unparsable abstains, [] votes "no object")."""
-    if len(answers) == 1:
-        objs, masks, _ = answers[0]
-        pred = masks.any(0) if len(masks) else np.zeros(shape, bool)
-        return pred, [vis.layer(m, True, o) for m, o in zip(masks, objs or [])], [], ''
-    votes = [None if o is None else [(m, s, x['label']) for x, m, s in zip(o, ms, ss)]
-             for o, ms, ss in answers[:n]]
-    pred, clusters, reason = vote.majority_vote(votes, agg=agg, shape=shape)
-    layers = []
-    for c in clusters:  # a cluster is drawn by its first member: that answer's mask and box
-        j, k = c['members'][0]
-        layers.append(vis.layer(answers[j][1][k], c['kept'], answers[j][0][k], c['votes']))
-    return pred.cpu().numpy(), layers, clusters, reason
+import data, pipeline, vis
+from inference import SANDBOX_NEW_TOKENS, SANDBOX_THREADS, combine, fail, load, resolve
 
 
 def main():

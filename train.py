@@ -9,12 +9,13 @@
   torchrun --nproc_per_node 8 train.py --stage 1 --model Qwen2.5-VL-7B --sam sam_vit_h.pth --data stage1.parquet
 Tested by: python -m pytest tests/test_train.py
 """
-import argparse, json, math, os, sys, time
+import argparse, json, os, sys, time
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint, data, grpo, lora, parallel, pipeline, rest, rewards, update, vis, warmup, world
+import checkpoint, data, grpo, lora, parallel, pipeline, rest, rewards, update, vis
+from sandbox import warmup, world
 import model as M
 import segment as S
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import model as M, predict, rewards as R, segment, vote
+import model as M, rewards as R, segment, vote
 from test_rewards import A, B, C, CASES, HW, NOLABEL, answer, brute_best, gt, loop_box_iou, own_masks
+import inference
 
 
 # ----------------------------------------------------------------- --no-label: the format term
@@ -178,6 +179,6 @@ def test_predict_combines_label_free_answers():
     masks = np.zeros((1, 8, 8), bool)
     masks[0, :4, :4] = True
     answers = [([obj], masks, np.ones(1))] * 3
-    pred, layers, clusters, reason = predict.combine(answers, 3, shape=(8, 8))
+    pred, layers, clusters, reason = inference.combine(answers, 3, shape=(8, 8))
     assert (pred == masks[0]).all() and clusters[0]['label'] is None and 'K=1' in reason
     assert dataclasses.is_dataclass(gt(A)) and len(layers) == 1

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import data
-import rows as tables
+
 
 
 def png(arr):
@@ -150,13 +150,13 @@ def check_hf(samples, name, ims, ms):
 def test_hf_parquet(tmp_path):
     rows, ims, ms = hf_rows()
     pq.write_table(pa.table(rows), tmp_path / 'test.parquet', row_group_size=1)  # 2 record batches
-    check_hf(tables.load_hf(str(tmp_path / 'test.parquet')), 'test', ims, ms)
+    check_hf(data.load_hf(str(tmp_path / 'test.parquet')), 'test', ims, ms)
     check_hf(data.load_dataset(str(tmp_path / 'test.parquet')), 'test', ims, ms)
     check_hf(data.load_dataset(str(tmp_path)), tmp_path.name, ims, ms)  # a folder of parquet files
     rows['mask'] = [{'bytes': png(m.astype(np.uint8)), 'path': None} for m in ms]  # 0/1 PNG struct
     rows['image'] = [r['bytes'] for r in rows['image']]  # raw bytes instead of the struct
     pq.write_table(pa.table(rows), tmp_path / 'x.parquet')
-    check_hf(tables.load_hf(str(tmp_path / 'x.parquet')), 'x', ims, ms)
+    check_hf(data.load_hf(str(tmp_path / 'x.parquet')), 'x', ims, ms)
 
 def test_hf_save_to_disk_arrow(tmp_path):
     rows, ims, ms = hf_rows()
@@ -177,7 +177,7 @@ def test_hf_save_to_disk_arrow(tmp_path):
         data.load_dataset(str(folder))
     with ipc.new_file(str(tmp_path / 'plain.arrow'), table.schema) as w:  # Arrow file format too
         w.write_table(table)
-    check_hf(tables.load_hf(str(tmp_path / 'plain.arrow')), 'plain', ims, ms)
+    check_hf(data.load_hf(str(tmp_path / 'plain.arrow')), 'plain', ims, ms)
 
 def two_rows_second_bad(tmp_path, rows, col, value):
     """rows[0] twice, with `col` of the second replaced -> parquet path (a row-1 error expected)."""
@@ -196,9 +196,9 @@ def two_rows_second_bad(tmp_path, rows, col, value):
 def test_hf_corrupt_row(tmp_path, col, value, match):
     path = two_rows_second_bad(tmp_path, hf_rows()[0], col, value)
     with pytest.raises(data.BadData, match=r'bad\.parquet: row 1: ' + match):
-        tables.load_hf(path)
+        data.load_hf(path)
     with pytest.warns(UserWarning, match='skipped 1 corrupt'):
-        assert [s.id for s in tables.load_hf(path, skip_bad=True)] == ['bad/0/img0/3']
+        assert [s.id for s in data.load_hf(path, skip_bad=True)] == ['bad/0/img0/3']
 
 # ----------------------------------------------------------------------------- stage-1 rows
 MA, MB = boxes(16, 16, (2, 5, 3, 9)), boxes(16, 16, (10, 15, 10, 12))
@@ -234,9 +234,9 @@ def test_stage1_rows(tmp_path):
 def test_stage1_corrupt_row(tmp_path, col, value, match):
     path = two_rows_second_bad(tmp_path, stage1_rows(rgb(16, 16, 3)), col, value)
     with pytest.raises(data.BadData, match=r'bad\.parquet: row 1: ' + match):
-        tables.load_training_rows(path)
+        data.load_training_rows(path)
     with pytest.warns(UserWarning, match='skipped 1 corrupt'):
-        assert [s.id for s in tables.load_training_rows(path, skip_bad=True)] == ['bad/0']
+        assert [s.id for s in data.load_training_rows(path, skip_bad=True)] == ['bad/0']
 
 def test_stage2_rows_as_published(tmp_path):
     # ReasonSeg-X train: problem, image, solution_mask (one mask per target), no solution
@@ -275,7 +275,7 @@ def test_dispatch_errors(tmp_path, monkeypatch):
         data.load_dataset(str(tmp_path / 'other.parquet'))
     (tmp_path / 'broken.parquet').write_bytes(b'PAR1 this is not parquet')
     with pytest.raises(data.BadData, match=r'broken\.parquet: unreadable parquet'):
-        tables.load_hf(str(tmp_path / 'broken.parquet'))
+        data.load_hf(str(tmp_path / 'broken.parquet'))
     monkeypatch.setitem(sys.modules, 'pyarrow', None)  # as if pyarrow were not installed
     with pytest.raises(ImportError, match='pip install pyarrow'):
-        tables.load_hf(str(tmp_path / 'other.parquet'))
+        data.load_hf(str(tmp_path / 'other.parquet'))

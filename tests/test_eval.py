@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import lora, pipeline, stats, vis, world
+import lora, pipeline, stats, vis
+from sandbox import world
+from sandbox.tiny import build_tiny_policy
 import model as M
 import segment as S
 from data import Sample
@@ -122,7 +124,7 @@ def probe(argv, monkeypatch, model_may_load=False):
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    return M.build_tiny_policy(str(tmp_path_factory.mktemp('tiny')), words=world.vocabulary(),
+    return build_tiny_policy(str(tmp_path_factory.mktemp('tiny')), words=world.vocabulary(),
                                prompt='find: {question}')
 
 

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 import lora as L
 import model as M
+from sandbox import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = 'locate {question} please'
@@ -40,7 +41,7 @@ def weight_keys(folder):
 def setup(tmp_path_factory):
     """A tiny base, a stage-2 style checkpoint folder (adapter with non-zero B + prompt.txt), the export."""
     root = tmp_path_factory.mktemp('export')
-    base = M.build_tiny_policy(str(root / 'base'), words=[PROMPT])
+    base = tiny.build_tiny_policy(str(root / 'base'), words=[PROMPT])
     net, _ = M.load_policy(base)
     L.apply_lora(net, r=4, alpha=8)
     g = torch.Generator().manual_seed(1)
@@ -111,7 +112,7 @@ def test_bad_input_is_refused_in_one_line(setup, tmp_path):
     busy = tmp_path / 'busy'
     busy.mkdir()
     (busy / 'x').write_text('keep me')
-    other = M.build_tiny_policy(str(tmp_path / 'other'), layers=2)  # 2 decoder layers, the adapter has 4
+    other = tiny.build_tiny_policy(str(tmp_path / 'other'), layers=2)  # 2 decoder layers, the adapter has 4
     cases = [(['--adapter', tmp_path / 'nope.safetensors', '--out', tmp_path / 'o1'], 'does not exist'),
              (['--adapter', garbled, '--out', tmp_path / 'o2'], 'not a LoRA adapter'),
              (['--adapter', setup['adapter'], '--out', busy], 'not an empty folder'),

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 import grpo as G
 import model as M
+from sandbox.tiny import build_tiny_policy
 
 
 def test_group_advantages_match_numpy():
@@ -111,7 +112,7 @@ def test_advantage_shapes_per_response_and_per_token():
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
     words = ['<think>a red cup</think><answer>[{"label": "cup"}]</answer>', 'find the cup']
-    path = M.build_tiny_policy(str(tmp_path_factory.mktemp('tiny')), words=words, layers=2,
+    path = build_tiny_policy(str(tmp_path_factory.mktemp('tiny')), words=words, layers=2,
                                vision_depth=2, image_size=84)
     return M.load_policy(path)
 

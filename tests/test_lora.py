@@ -11,13 +11,14 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora as L  # noqa: E402
 import model as M  # noqa: E402
+from sandbox import tiny
 
 torch.set_num_threads(1)  # the machine is shared; the model is tiny
 
 
 @pytest.fixture(scope='module')
 def tiny_dir(tmp_path_factory):
-    return M.build_tiny_policy(str(tmp_path_factory.mktemp('tiny_lora')))
+    return tiny.build_tiny_policy(str(tmp_path_factory.mktemp('tiny_lora')))
 
 
 @pytest.fixture(scope='module')

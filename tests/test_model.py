@@ -1,4 +1,4 @@
-"""Tests for model.py / tiny.py: the tiny checkpoint round trip, prompts and the colour segmenter on the
+"""Tests for model.py / sandbox/tiny.py: the tiny checkpoint round trip, prompts and the colour segmenter on the
 world. Answer parsing and coordinates: tests/test_answer.py; SAM and SAM 2: tests/test_segment.py.
 Run: python -m pytest tests/test_model.py
 """
@@ -10,12 +10,13 @@ from PIL import Image
 
 import model as M
 import segment as S
-import world
+from sandbox import world
+from sandbox.tiny import build_tiny_policy
 
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    d = M.build_tiny_policy(str(tmp_path_factory.mktemp('tiny')), words=world.vocabulary(),
+    d = build_tiny_policy(str(tmp_path_factory.mktemp('tiny')), words=world.vocabulary(),
                             prompt='find: {question}')
     return d, *M.load_policy(d)
 
@@ -24,7 +25,7 @@ def test_round_trip_and_generation(tiny):
     d, net, proc = tiny
     assert {'config.json', 'model.safetensors', 'tokenizer.json', 'prompt.txt'} <= set(os.listdir(d))
     assert net.config.model_type == 'qwen2_5_vl' and proc.tokenizer.padding_side == 'left'
-    again = M.build_tiny_policy(d + '_again', words=world.vocabulary(), prompt='find: {question}')
+    again = build_tiny_policy(d + '_again', words=world.vocabulary(), prompt='find: {question}')
     net2, _ = M.load_policy(again)
     for (n, a), (_, b) in zip(net.state_dict().items(), net2.state_dict().items()):
         assert torch.equal(a, b), f'{n}: the builder is not deterministic'
@@ -37,7 +38,7 @@ def test_round_trip_and_generation(tiny):
     b = M.make_inputs(proc, [img], [M.build_prompt('the red circle', M.load_template('stage1', d))])
     net.generate(**b, do_sample=True, max_new_tokens=4)  # warm-up
     out = net.generate(**b, do_sample=True, max_new_tokens=64, num_return_sequences=4)
-    assert out.shape[0] == 4  # speed is bench.py's job: a timed assert fails on a busy machine
+    assert out.shape[0] == 4  # speed is bench/speed.py's job: a timed assert fails on a busy machine
 
 
 def test_load_errors_name_the_path(tmp_path):

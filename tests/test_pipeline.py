@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import grpo, pipeline, tiny, world
+import grpo, pipeline
+from sandbox import tiny, world
 import model as M
 
 torch.set_num_threads(2)

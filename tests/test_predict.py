@@ -10,7 +10,10 @@ import pytest
 from PIL import Image
 
 import model as M
-import pipeline, predict, vis, world
+import pipeline, predict, vis
+from sandbox import world
+from sandbox.tiny import build_tiny_policy
+import inference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
     """A tiny random policy whose input side is the scenes' own 224 px: teacher answers map back exactly."""
-    return M.build_tiny_policy(str(tmp_path_factory.mktemp('tiny')), words=world.vocabulary(), image_size=224)
+    return build_tiny_policy(str(tmp_path_factory.mktemp('tiny')), words=world.vocabulary(), image_size=224)
 
 
 @pytest.fixture
@@ -74,7 +77,7 @@ def test_predict_with_no_flags_runs_the_sandbox_model_on_any_image(tmp_path):
                         '--out', tmp_path / 'o'], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f'[predict] {predict.SANDBOX_BASE}' in r.stdout or 'runs/stage' in r.stdout
+    assert f'[predict] {inference.SANDBOX_BASE}' in r.stdout or 'runs/stage' in r.stdout
     assert 'think: ' in r.stdout and 'answer (original pixels): ' in r.stdout
     assert Image.open(tmp_path / 'o' / 'noise_mask.png').size == (150, 90)
 

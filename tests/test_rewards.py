@@ -7,7 +7,7 @@ import dataclasses, itertools, json, math, re, tracemalloc
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-import data, iou, model as M, rewards as R, segment
+import data, model as M, rewards as R, segment
 
 HW = 100
 
@@ -205,13 +205,13 @@ def test_iou_matrices_equal_loops():
     a, b = rng.random((4, 9, 7)) < 0.4, rng.random((3, 9, 7)) < 0.6
     a[0] = False                                                      # empty mask: IoU 0
     ref = [[(x & y).sum() / ((x | y).sum() + 1e-6) for y in b] for x in a]
-    assert np.allclose(iou.mask_iou_matrix(a, b), ref, rtol=0, atol=1e-12)
-    assert iou.mask_iou_matrix(a[:0], b).shape == (0, 3)
+    assert np.allclose(R.mask_iou_matrix(a, b), ref, rtol=0, atol=1e-12)
+    assert R.mask_iou_matrix(a[:0], b).shape == (0, 3)
     ba, bb = rng.uniform(0, 50, (5, 4)), rng.uniform(0, 50, (3, 4))
     ba[:, 2:] += ba[:, :2]
     bb[:, 2:] += bb[:, :2]
     ref = [[loop_box_iou(p, q) for q in bb] for p in ba]
-    assert np.allclose(iou.box_iou_matrix(ba, bb), ref, rtol=0, atol=1e-12)
+    assert np.allclose(R.box_iou_matrix(ba, bb), ref, rtol=0, atol=1e-12)
 
 
 # ----------------------------------------------------------------- the tag pattern, in linear time

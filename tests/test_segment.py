@@ -1,4 +1,4 @@
-"""Tests for segment.py / sam2.py: the batched, chunked segmenters against one-by-one references
+"""Tests for segment.py (SAM v1, SAM 2, colour): the batched, chunked segmenters against one-by-one references
 (segment-anything's SamPredictor.predict; transformers' documented Sam2Processor + Sam2Model usage),
 prompt kinds (box + point, box alone, point alone, neither), the embedding cache, chunk invariance,
 bf16, and load_segmenter's checkpoint handling. Tiny random models: nothing is downloaded.
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import sam2
+
 import segment as S
 
 IMG = np.random.default_rng(1).integers(0, 255, (80, 100, 3), dtype=np.uint8)  # non-square: H 80, W 100
@@ -27,7 +27,7 @@ OBJECTS = [  # every prompt kind, repeats (rollouts often agree), and an object 
 def sam2_dir(tmp_path_factory):
     """A tiny random SAM 2 saved like a real transformers checkpoint (config, weights, processor)."""
     d = tmp_path_factory.mktemp('sam2')
-    model, processor = sam2.tiny_sam2(seed=1)  # a seed whose best of 3 varies between OBJECTS' prompts
+    model, processor = S.tiny_sam2(seed=1)  # a seed whose best of 3 varies between OBJECTS' prompts
     model.save_pretrained(d), processor.save_pretrained(d)
     return str(d)
 
@@ -65,7 +65,7 @@ def test_batched_equals_one_by_one_for_every_prompt_kind(which, sam2_dir):
         reference = lambda o: sam_reference(seg, o)
     else:
         seg = S.load_segmenter(sam2_dir)
-        assert isinstance(seg, sam2.Sam2Segmenter)
+        assert isinstance(seg, S.Sam2Segmenter)
         reference = lambda o: sam2_reference(seg.model, seg.processor, IMG, o)
     seg.chunk = 5
     masks, scores = S.segment(seg, IMG, OBJECTS, key='img')
@@ -84,7 +84,7 @@ def test_batched_equals_one_by_one_for_every_prompt_kind(which, sam2_dir):
 
 @pytest.mark.parametrize('which', ['sam', 'sam2'])
 def test_chunk_size_changes_nothing_and_repeats_decode_once(which, monkeypatch):
-    seg = S.tiny_sam() if which == 'sam' else sam2.Sam2Segmenter(*sam2.tiny_sam2())
+    seg = S.tiny_sam() if which == 'sam' else S.Sam2Segmenter(*S.tiny_sam2())
     seg.set_image(IMG, key='a')
     rng = np.random.default_rng(0)
     xy = rng.integers(0, 40, (7, 2))
@@ -117,7 +117,7 @@ def test_only_the_best_mask_is_upscaled(monkeypatch):
     assert [s[:2] for s in shapes] == [(2, 1)]
 
 
-@pytest.mark.parametrize('make', [S.tiny_sam, lambda: sam2.Sam2Segmenter(*sam2.tiny_sam2()), S.ColorSegmenter])
+@pytest.mark.parametrize('make', [S.tiny_sam, lambda: S.Sam2Segmenter(*S.tiny_sam2()), S.ColorSegmenter])
 def test_embedding_cache_one_encode_for_16_rollouts(make):
     seg, img = make(), np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
     objs = [{'bbox_2d': [10, 10, 60, 50], 'point_2d': [30, 30]}, {'bbox_2d': [70, 20, 120, 90], 'point_2d': None},
@@ -132,9 +132,9 @@ def test_embedding_cache_one_encode_for_16_rollouts(make):
 def test_sam2_runs_in_the_models_dtype():
     """A bf16 model gets bf16 pixels and prompts from the segmenter (a hard-coded dtype would raise);
     masks stay bool at the image size and agree with fp32 almost everywhere."""
-    model, processor = sam2.tiny_sam2()
-    full = sam2.Sam2Segmenter(model, processor)
-    half = sam2.Sam2Segmenter(sam2.tiny_sam2()[0].to(torch.bfloat16), processor)
+    model, processor = S.tiny_sam2()
+    full = S.Sam2Segmenter(model, processor)
+    half = S.Sam2Segmenter(S.tiny_sam2()[0].to(torch.bfloat16), processor)
     objs = [o for o in OBJECTS if o['bbox_2d'] is not None or o['point_2d'] is not None]
     (m32, s32), (m16, s16) = S.segment(full, IMG, objs), S.segment(half, IMG, objs)
     assert m16.dtype == bool and m16.shape == m32.shape and s16.dtype == np.float32
@@ -168,14 +168,14 @@ def test_load_segmenter_file_or_directory(tmp_path, sam2_dir):
         S.load_segmenter(str(d))
     seg = S.load_segmenter(sam2_dir)
     assert next(seg.model.parameters()).dtype == torch.float32
-    for name, weight in sam2.tiny_sam2(seed=1)[0].state_dict().items():  # the saved weights, not a fresh init
+    for name, weight in S.tiny_sam2(seed=1)[0].state_dict().items():  # the saved weights, not a fresh init
         assert torch.equal(seg.model.state_dict()[name], weight), name
 
 
 def test_load_segmenter_takes_a_sam2_video_checkpoint(tmp_path):
     """Hub SAM 2.1 directories may be saved as Sam2VideoModel: its image part loads, every weight."""
     from transformers import Sam2VideoConfig, Sam2VideoModel
-    model, processor = sam2.tiny_sam2()
+    model, processor = S.tiny_sam2()
     c = model.config
     video = Sam2VideoModel(Sam2VideoConfig(vision_config=c.vision_config,
                                            prompt_encoder_config=c.prompt_encoder_config.to_dict(),

@@ -43,7 +43,8 @@ def loop(mode, out, steps):
     rollouts each, advantages from the response lengths; prompt 0 has zero advantage, so in step 0
     the rank holding it would have nothing to back-propagate. mode: plain | shard. Continues
     from out/last when it holds a checkpoint; saves there at the end; log.jsonl: one line per step."""
-    import grpo, parallel, pipeline, world
+    import grpo, parallel, pipeline
+    from sandbox import world
     import model as M
     torch.set_num_threads(1)
     _, rank, world_size, dev = parallel.init_distributed('cpu')

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-import checkpoint, grpo, lora, pipeline, predict, update, world
+import checkpoint, grpo, lora, pipeline, update
+from sandbox import tiny, world
 import model as M
+import inference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, 'sandbox', 'stage0')
@@ -21,7 +23,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope='module')
 def bare(tmp_path_factory):
     """A tiny base without prompt.txt: the prompt then comes from our named templates."""
-    return M.build_tiny_policy(str(tmp_path_factory.mktemp('bare')), words=world.vocabulary(), layers=2, vision_depth=2)
+    return tiny.build_tiny_policy(str(tmp_path_factory.mktemp('bare')), words=world.vocabulary(), layers=2, vision_depth=2)
 
 
 @pytest.fixture(scope='module')
@@ -123,17 +125,17 @@ def test_full_checkpoint_round_trip_and_what_eval_reads(bare, tmp_path):
     update.setup(again, 'full', 16, 32)
     update.load_weights(again, str(tmp_path), 'full')
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), again.parameters()))
-    base, adapter, got = predict.resolve(str(tmp_path), None)
+    base, adapter, got = inference.resolve(str(tmp_path), None)
     assert (base, adapter, got) == (str(tmp_path), None, meta)
-    pol = predict.load('eval', base, adapter, got, 'cpu')
+    pol = inference.load('eval', base, adapter, got, 'cpu')
     assert pol['template'] == M.TEMPLATES['eval-nolabel'] and pol['image_size'] == 56  # from train_meta.json
     for label, name in ((False, 'eval-nolabel'), (True, 'eval')):  # a LoRA adapter's metadata says the same
         net, _ = M.load_policy(bare)
         lora.apply_lora(net, r=4, alpha=8)
         lora.save_lora(net, str(tmp_path / f'{label}.safetensors'), dict(meta, label=label, tuning='lora'))
-        base, adapter, got = predict.resolve(None, str(tmp_path / f'{label}.safetensors'))
-        assert base == bare and predict.load('eval', base, adapter, got, 'cpu')['template'] == M.TEMPLATES[name]
-    assert predict.load('eval', bare, None, {}, 'cpu')['template'] == M.TEMPLATES['eval']  # older adapters
+        base, adapter, got = inference.resolve(None, str(tmp_path / f'{label}.safetensors'))
+        assert base == bare and inference.load('eval', base, adapter, got, 'cpu')['template'] == M.TEMPLATES[name]
+    assert inference.load('eval', bare, None, {}, 'cpu')['template'] == M.TEMPLATES['eval']  # older adapters
 
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false', 'PYTHONPATH': ROOT}

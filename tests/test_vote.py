@@ -1,6 +1,6 @@
 """Tests for vote.py (method §10): hand-built voting cases, and a straightforward numpy reference
 (IoU of each candidate against each cluster's first member, in python loops) that must give the
-identical mask on many random sample sets. bench.py may import reference_vote / random_samples.
+identical mask on many random sample sets. bench/speed.py may import reference_vote / random_samples.
 Run: python -m pytest -q tests/test_vote.py
 """
 import json, random

@@ -1,4 +1,4 @@
-"""Tests for world.py: determinism, ground truth that matches each query's definition, split and
+"""Tests for sandbox/world.py: determinism, ground truth that matches each query's definition, split and
 template disjointness, and the teacher answer.
 Run: python -m pytest tests/test_world.py
 """
@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 import model as M
-import world as W
+from sandbox import world as W
 
 
 def attributes(s, rng_free=True):
@@ -32,7 +32,7 @@ def test_deterministic_and_splits_disjoint():
 
 def test_same_samples_in_every_process():
     """String hashing is salted per process (PYTHONHASHSEED): nothing may depend on set order."""
-    code = ("import world; print([(s.query, s.labels) for s in world.dataset('test', 40)] + "
+    code = ("from sandbox import world; print([(s.query, s.labels) for s in world.dataset('test', 40)] + "
             "[(s.query, s.labels) for s in world.dataset('train', 40, families=('C/MH',))])")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outs = {subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True, check=True,
@@ -152,7 +152,7 @@ def test_facts_state_what_a_cue_means():
 
 
 def test_attribute_batch_points_at_the_objects_own_visual_token():
-    # Independent of world.py's index arithmetic: rebuild each merged token's 28x28 pixel block from
+    # Independent of sandbox/world.py's index arithmetic: rebuild each merged token's 28x28 pixel block from
     # the processor's patch layout (2x2 patches of 14 px per token, channels x time x 14 x 14) and
     # check that the indexed block shows mostly the object's own colour among the scene's objects.
     _, proc = M.load_policy(os.path.join(os.path.dirname(__file__), '..', 'sandbox', 'stage0'))

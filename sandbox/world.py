@@ -1,4 +1,4 @@
-"""world.py: the synthetic scene world, the project's embedded default data (nothing to download).
+"""sandbox/world.py: the synthetic scene world, the project's embedded default data (nothing to download).
 
 Scenes of 3 flat-coloured shapes on a 3x3 grid (small jitter) with exact instance masks. Queries:
 explicit grounding for stages 0-1 ("the red circle", "all blue shapes", absent targets -> empty),

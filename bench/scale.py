@@ -1,16 +1,17 @@
-"""bench_scale.py: the figures at the real model's sizes, on CPU (bench.py has the sandbox-scale ratios,
-bench_shard.py the memory of --shard). 8 the memory of one log-prob + backward step at the real vocabulary
+"""bench/scale.py: the figures at the real model's sizes, on CPU (bench/speed.py has the sandbox-scale ratios,
+bench/memory.py the memory of --shard). 8 the memory of one log-prob + backward step at the real vocabulary
 (lm_head in checkpointed chunks vs all logits in fp32). 9 the update step with the vision tower run once per
-prompt vs once per rollout row, at Qwen2.5-VL-7B's tower. 10 smoke.py at the real widths, vocabulary and
-processor, one layer per tower (on a GPU, run smoke.py itself). A measurement, not a test:
-  OMP_NUM_THREADS=1 nice -n 19 python bench_scale.py [--only logprob,vision,smoke]
+prompt vs once per rollout row, at Qwen2.5-VL-7B's tower. 10 bench/smoke.py at the real widths, vocabulary and
+processor, one layer per tower (on a GPU, run `python -m bench.smoke` itself). A measurement, not a test:
+  OMP_NUM_THREADS=1 nice -n 19 python -m bench.scale [--only logprob,vision,smoke]
 """
 import re, subprocess, sys, tempfile, time
 import torch
 
-import grpo, lora, tiny
+import grpo, lora
+from sandbox import tiny
 import model as M
-from bench import add, peak_mb, race, run
+from bench.speed import add, peak_mb, race, run
 
 
 def narrow_policy(arch='qwen2.5-vl-7b', vocab=151936, vision=None):
@@ -73,8 +74,8 @@ def bench_vision():
 
 def bench_smoke():
     for arch in ('qwen2.5-vl-7b', 'qwen3-vl-8b'):
-        cmd = [sys.executable, 'smoke.py', '--arch', arch, '--device', 'cpu', '--layers', '1', '--rollouts', '2',
-               '--group', '2', '--max-new-tokens', '8']
+        cmd = [sys.executable, '-m', 'bench.smoke', '--arch', arch, '--device', 'cpu', '--layers', '1',
+               '--rollouts', '2', '--group', '2', '--max-new-tokens', '8']
         t = time.time()
         out = subprocess.run(cmd, capture_output=True, text=True).stdout
         steps = re.findall(r'step \d+: step ([\d.]+) s', out)

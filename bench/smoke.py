@@ -1,4 +1,4 @@
-"""smoke.py: the first thing to run on a GPU before a real run. Two stage-2 REST steps of a real
+"""bench/smoke.py: the first thing to run on a GPU before a real run. Two stage-2 REST steps of a real
 configuration with random weights (nothing to download): the real widths, vocabulary, processor
 settings and image tokens (840² -> 900 for Qwen2.5-VL), N = 256 rollouts of 2,048 tokens, a random SAM
 of the real size; it prints the peak GPU memory, the step time and how far lora_A moved (bf16 adapters
@@ -6,16 +6,17 @@ would not move at LR 5e-6). It runs train.py itself, unchanged, with one substit
 random weights never parse, so rollout i is scored on a synthetic answer with i mod 4 random objects,
 which gives SAM and the update real work and every group a spread of rewards.
 
-  python smoke.py                                  # one GPU: Qwen2.5-VL-7B configuration, N = 256
-  python smoke.py --arch qwen3-vl-8b --rollouts 64
-  python smoke.py --device cpu --layers 1 --rollouts 2 --group 2 --max-new-tokens 8   # same shapes, towers cut
-Tested by: python -m pytest tests/test_smoke.py (bench.py runs the CPU version of both configurations)
+  python -m bench.smoke                                # one GPU: Qwen2.5-VL-7B configuration, N = 256
+  python -m bench.smoke --arch qwen3-vl-8b --rollouts 64
+  python -m bench.smoke --device cpu --layers 1 --rollouts 2 --group 2 --max-new-tokens 8   # same shapes, towers cut
+Tested by: python -m pytest tests/test_smoke.py (bench/scale.py runs the CPU version of both configurations)
 """
 import argparse, io, json, os, runpy, sys, tempfile
 import numpy as np
 import torch
 
-import lora, rewards, tiny
+import lora, rewards
+from sandbox import tiny
 
 p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,4 +1,4 @@
-"""tiny.py: checkpoint directories built offline, loaded through model.py exactly like real ones.
+"""sandbox/tiny.py: checkpoint directories built offline, loaded through model.py exactly like real ones.
 - build_tiny_policy: the sandbox's tiny random Qwen2.5-VL (config, weights, tokenizer with Qwen's
   special tokens and chat template, image + video processor).
 - build_config_dir: a real configuration (Qwen2.5-VL-7B, Qwen3-VL-8B: the public config.json,

@@ -1,14 +1,14 @@
-"""bench_shard.py: what --shard (FSDP2, parallel.shard) buys in memory per rank. (1) measured: one GRPO step
+"""bench/memory.py: what --shard (FSDP2, parallel.shard) buys in memory per rank. (1) measured: one GRPO step
 of the tiny sandbox model on 2 CPU processes (gloo), each rank's peak with and without sharding; (2) estimated
 from the real configurations (parameter counts exact, from the model built on the meta device; activations
 from the formulas below): per-GPU memory at Qwen2.5-VL-7B and Qwen3-VL-32B, one GPU's full copy vs sharded
-over the 8 GPUs of a node. A measurement, not a test (bench.py holds the other figures):
-  OMP_NUM_THREADS=1 python bench_shard.py [--only measured,estimate]
+over the 8 GPUs of a node. A measurement, not a test (bench/speed.py holds the other figures):
+  OMP_NUM_THREADS=1 python -m bench.memory [--only measured,estimate]
 """
 import argparse, json, os, subprocess, sys, tempfile
 import torch
 
-from bench import peak_mb  # peak MB of tensors allocated while a function runs (profiler events)
+from bench.speed import peak_mb  # peak MB of tensors allocated while a function runs (profiler events)
 
 GB, MB = 2 ** 30, 2 ** 20
 # Qwen3-VL-32B: the public config.json of a Qwen3-VL-32B checkpoint (huggingface.co/quanliang/F1; text tower
@@ -28,7 +28,8 @@ def held_mb(net, opt):
 def worker(mode, base, out):
     """One rank: the base + LoRA r 16, one untimed step (optimizer state made), then a measured step:
     1 prompt x 8 rollouts of 48 tokens, GRPO update in micro-batches of 4. Writes its numbers to out."""
-    import grpo, lora, parallel, pipeline, world
+    import grpo, lora, parallel, pipeline
+    from sandbox import world
     import model as M
     torch.set_num_threads(1)
     _, rank, world_size, dev = parallel.init_distributed('cpu')
@@ -60,9 +61,10 @@ def worker(mode, base, out):
 def measured():
     """The sandbox base (6 MB of weights: FSDP's buffers, about 3 layers' worth of all-gathered weights, outweigh
     what sharding saves) and a wider tiny model (8 layers of width 512, 134 MB), each rank's max of the two."""
-    import tiny, transformers, world
+    import transformers
+    from sandbox import tiny, world
     transformers.utils.logging.disable_progress_bar()
-    tmp = tempfile.mkdtemp(prefix='bench_shard_')
+    tmp = tempfile.mkdtemp(prefix='bench_memory_')
     wide = tiny.build_tiny_policy(os.path.join(tmp, 'wide'), words=world.vocabulary(), hidden=512, layers=8, heads=8,
                                   mrope=(8, 12, 12), prompt='find: {question}')
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false'}
@@ -71,8 +73,8 @@ def measured():
     for name, base in (('sandbox base', 'sandbox/stage0'), ('tiny, 8 layers x 512', wide)):
         out = tempfile.mkdtemp(dir=tmp)
         for mode in ('plain', 'shard'):
-            subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', __file__,
-                            '--worker', mode, base, out], check=True, env=env, capture_output=True)
+            subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m',
+                            'bench.memory', '--worker', mode, base, out], check=True, env=env, capture_output=True)
         r = {m: [json.load(open(os.path.join(out, f'{m}{k}.json'))) for k in (0, 1)] for m in ('plain', 'shard')}
         mx = lambda m, key: max(x[key] for x in r[m])  # noqa: E731
         row = lambda k: f"{mx('shard', k):.1f} MB | {mx('plain', k):.1f} MB | {mx('shard', k) / mx('plain', k):.2f}x |"
@@ -83,7 +85,8 @@ def measured():
 
 def counts(arch, **over):
     """Exact parameter counts of a configuration (built on the meta device, LoRA r 64 applied)."""
-    import lora, tiny
+    import lora
+    from sandbox import tiny
     from transformers import AutoConfig, AutoModelForImageTextToText
     d = tiny.build_config_dir(tempfile.mkdtemp(), arch, **over)
     with torch.device('meta'):
@@ -132,7 +135,7 @@ def estimate():
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--only', default='measured,estimate', help='comma-separated subset of measured,estimate')
-    p.add_argument('--out', default='runs/bench_shard.md', help='where the markdown tables are written')
+    p.add_argument('--out', default='runs/bench_memory.md', help='where the markdown tables are written')
     p.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)  # internal: MODE BASE DIR, one rank under torchrun
     args = p.parse_args()
     if args.worker:

@@ -1,18 +1,20 @@
-"""bench.py: what our design choices buy, as RATIOS of our way to the straightforward (or the reference's)
+"""bench/speed.py: what our design choices buy, as RATIOS of our way to the straightforward (or the reference's)
 way on identical inputs, run side by side (interleaved, medians over repeats) so a busy machine slows both
 alike; each comparison also checks both sides agree. 1 rewards: one SAM encode per image + one decoder
 batch vs set_image per rollout (method §4). 2 voting: one Gram matrix vs a per-pair loop (§10). 3 GRPO step:
 KL reference = adapters off vs a model copy (§6). 4 LoRA vs full fine-tuning (§7). 5 rollouts in one generate call.
-6 sandbox wall times from runs/*/log.jsonl. bench_scale.py has the figures at the real model's sizes, and
-bench_shard.py the memory of --shard. A measurement, not a test:
-OMP_NUM_THREADS=1 nice -n 19 python bench.py [--quick] [--only reward,vote,...]"""
+6 sandbox wall times from runs/*/log.jsonl. bench/scale.py has the figures at the real model's sizes, and
+bench/memory.py the memory of --shard. A measurement, not a test:
+OMP_NUM_THREADS=1 nice -n 19 python -m bench.speed [--quick] [--only reward,vote,...]"""
 import argparse, contextlib, copy, datetime, functools, glob, itertools, json, os, statistics, sys, tempfile, time
 os.environ.setdefault('KINETO_LOG_LEVEL', '6')  # silence the CPU memory profiler's per-call chatter
 import numpy as np
 import torch
 import transformers
 
-import data, grpo, lora, pipeline, rewards, segment, vote, world
+import data, grpo, lora, pipeline, rewards, segment, vote
+from sandbox import world
+from sandbox.tiny import build_tiny_policy
 import model as M
 
 Q, REPS, T0 = False, 7, time.time()  # --quick: fewer repeats and smaller sizes (set by run)
@@ -56,11 +58,11 @@ def peak_mb(fn, device, resident=0):
 def bench_reward():  # both segmenters, random weights: SAM v1 vit_b, and the paper's SAM 2.1 Hiera-L (method §4)
     from segment_anything import sam_model_registry
     from transformers import Sam2ImageProcessor, Sam2Model, Sam2Processor
-    import sam2
+
     torch.manual_seed(0)
     reward_ratio(segment.SamSegmenter(sam_model_registry['vit_b'](checkpoint=None).eval()), 'vit_b SAM')
-    hiera_l = Sam2Model(sam2.hiera_l_config()).eval()
-    reward_ratio(sam2.Sam2Segmenter(hiera_l, Sam2Processor(Sam2ImageProcessor())), 'SAM 2.1 Hiera-L')
+    hiera_l = Sam2Model(segment.hiera_l_config()).eval()
+    reward_ratio(segment.Sam2Segmenter(hiera_l, Sam2Processor(Sam2ImageProcessor())), 'SAM 2.1 Hiera-L')
 
 def reward_ratio(seg, name):
     rng, (H, W), k = np.random.default_rng(0), (480, 640), 1 if Q else 2
@@ -119,7 +121,7 @@ def bench_vote():
 
 @functools.cache
 def tiny_dir():  # one tiny random Qwen2.5-VL checkpoint per run; tiny() loads a fresh copy of it
-    return M.build_tiny_policy(tempfile.mkdtemp(prefix='bench_'), words=world.vocabulary(), prompt=PROMPT)
+    return build_tiny_policy(tempfile.mkdtemp(prefix='bench_'), words=world.vocabulary(), prompt=PROMPT)
 
 tiny = lambda: M.load_policy(tiny_dir())
 
@@ -211,7 +213,7 @@ def bench_logs():
             f'{secs[-1] / 60:.1f} min (newest)' if secs else 'not measured yet')
 
 def run(figures, description):
-    """The command line of bench.py and bench_scale.py: run the chosen figures, print and write the table."""
+    """The command line of bench/speed.py and bench/scale.py: run the chosen figures, print and write the table."""
     global Q, REPS
     p = argparse.ArgumentParser(description=description)
     p.add_argument('--only', default=','.join(figures), help=f'comma-separated subset of {",".join(figures)}')

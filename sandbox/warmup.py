@@ -1,4 +1,4 @@
-"""warmup.py: stage 0, the supervised warm-up of the tiny sandbox model (teacher-forced answers) on
+"""sandbox/warmup.py: stage 0, the supervised warm-up of the tiny sandbox model (teacher-forced answers) on
 explicit grounding queries, reasoning queries with guessed meanings and bare-cue facts (world.py).
 It stands in for the pretraining a real Qwen-VL already has; a real checkpoint starts at stage 1.
 Optionally (`--vision-steps`, `--attr-coef`) the vision tower first learns object colour and shape
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoint, pipeline, vis, world
+import checkpoint, pipeline, vis
+from sandbox import tiny, world
 import model as M
 import segment as S
 
@@ -51,7 +52,7 @@ def pretrain_vision(net, head, proc, args):
 def run(args, config, ckpt, log, prompt):
     """Build (or resume) the tiny base and train all its weights; checkpoints go to `ckpt`."""
     resume = args.resume and checkpoint.recover(ckpt) is not None
-    src = ckpt if resume else args.model or M.build_tiny_policy(
+    src = ckpt if resume else args.model or tiny.build_tiny_policy(
         os.path.join(args.out, 'init'), words=world.vocabulary(), seed=args.seed,
         image_size=args.image_size, prompt=prompt)
     net, proc = M.load_policy(src, device=args.device)
