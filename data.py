@@ -246,7 +246,9 @@ def _training_item(where, name, i, row, base):
     masks, method §11). Masks are per object, in the solution's order, at the image's size."""
     image = _image(row['image'].as_py(), f'{where}: field image', base)
     H, W = image.shape[:2]
-    sm = getattr(row['solution_mask'], 'values', None) if 'solution_mask' in row else None
+    if 'solution_mask' not in row:  # null: "no target" is said by an empty list, a null is a hole in the data
+        raise BadData(f'{where}: field solution_mask is null (a row with no target holds an empty list [])')
+    sm = row['solution_mask'].values
     masks = [_mask(m, (H, W), f'{where}: field solution_mask[{k}]') for k, m in enumerate(sm or [])]
     masks = np.array(masks, bool).reshape(-1, H, W)                               # (K, H, W)
     problem = query(row['problem'].as_py(), f'{where}: field problem')

@@ -254,6 +254,12 @@ def test_stage2_rows_as_published(tmp_path):
     pq.write_table(pa.table(rows), tmp_path / 'bad.parquet')
     with pytest.raises(data.BadData, match=r'bad\.parquet: row 1: field solution_mask\[0\] is empty'):
         data.load_dataset(str(tmp_path / 'bad.parquet'))
+    rows['solution_mask'][1] = None  # a null is not "no target": one line naming file, row and field, or skipped
+    pq.write_table(pa.table(rows), tmp_path / 'null.parquet')
+    with pytest.raises(data.BadData, match=r'null\.parquet: row 1: field solution_mask is null'):
+        data.load_dataset(str(tmp_path / 'null.parquet'))
+    with pytest.warns(UserWarning, match='skipped 1 corrupt'):
+        assert [s.id for s in data.load_dataset(str(tmp_path / 'null.parquet'), skip_bad=True)] == ['null/0']
 
 def test_polygon_off_the_image_and_empty_datasets(tmp_path):
     folder = tmp_path / 'val'
