@@ -39,23 +39,36 @@ def select_images(vision, index):
     return out
 
 
-def _logits(head, hidden, banned=None):
-    """(c, H) hidden states -> (c, V) fp32 logits of the chunk only, the `banned` token ids (a LongTensor)
-    at -inf: excluded from the distribution as they were from sampling."""
-    logits = head(hidden).float()
-    return logits if banned is None else logits.index_fill(-1, banned, float('-inf'))
+def _logits(head, hidden, target, banned=None, temperature=1.0, top_p=1.0):
+    """(c, H) hidden states -> (c, V) fp32 logits of the chunk only, of the distribution the rollouts were
+    sampled from (pipeline.CounterSampler, method §6): divided by `temperature`; the `banned` token ids (a
+    LongTensor) at -inf, excluded as they were from sampling; with top_p < 1 every token outside the nucleus
+    at -inf too (the most likely tokens until their mass reaches top_p, as the sampler picks them), except
+    the (c,) `target`: the sampler's cached forward and this one round differently, and a sampled token
+    that rounding moves across the nucleus edge would otherwise get log p = -inf. The nucleus is a set,
+    not a function: no gradient flows through its choice, only through the renormalisation over it."""
+    logits = head(hidden).float() / temperature
+    if banned is not None:
+        logits = logits.index_fill(-1, banned, float('-inf'))
+    if top_p < 1.0:
+        with torch.no_grad():
+            probs, order = torch.softmax(logits, -1).sort(-1, descending=True)       # (c, V) each
+            drop = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, (probs.cumsum(-1) - probs) >= top_p)
+            drop.scatter_(-1, target[:, None], False)
+        logits = logits.masked_fill(drop, float('-inf'))
+    return logits
 
 
-def _chunk_logprobs(head, hidden, target, banned=None):
+def _chunk_logprobs(head, hidden, target, banned=None, temperature=1.0, top_p=1.0):
     """(c, H) hidden states, (c,) targets -> (c,) fp32 log p(target)."""
-    logits = _logits(head, hidden, banned)                                     # (c, V)
+    logits = _logits(head, hidden, target, banned, temperature, top_p)        # (c, V)
     return logits.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
-def _chunk_logprobs_entropy(head, hidden, target, banned=None):
+def _chunk_logprobs_entropy(head, hidden, target, banned=None, temperature=1.0, top_p=1.0):
     """As _chunk_logprobs, plus (c,) the entropy of the whole next-token distribution (banned ids
     excluded), H = -Σ_v p_v log p_v, from the same (c, V) logits."""
-    logp = torch.log_softmax(_logits(head, hidden, banned), -1)                # (c, V), -inf at banned ids
+    logp = torch.log_softmax(_logits(head, hidden, target, banned, temperature, top_p), -1)  # (c, V), -inf: banned
     plogp = logp.exp() * logp.masked_fill(logp == float('-inf'), 0.0)          # 0 there, not 0 * -inf = NaN
     return logp.gather(-1, target[:, None]).squeeze(-1), -plogp.sum(-1)
 
@@ -64,7 +77,9 @@ def token_logprobs(model, batch, micro_batch=8, token_chunk=256, with_entropy=Fa
     """(B, T) fp32: [b, t] = log p(input_ids[b,t] | input_ids[b,:t]) where response_mask is True
     (t >= 1), 0 elsewhere. One image per row: `pixel_values` (prod(image_grid_thw[i]) patches per
     image) or a precomputed vision output `vision` with one entry per row (select_images). Optional
-    `banned`: token ids the sampling distribution excluded (pipeline.vision_tokens), excluded here too.
+    `banned`: token ids the sampling distribution excluded (pipeline.vision_tokens), excluded here too;
+    `temperature` and `top_p`: the sampler's (default 1.0), so that the log-probs are those of the distribution
+    the rollouts were drawn from (a policy gradient for another distribution otherwise).
     with_entropy: -> (log-probs, entropies), both (B, T), the second the entropy of the full
     next-token distribution at the same positions (the entropy bonus, method §6), from the same
     chunks: no (tokens, V) tensor is kept for it either.
@@ -84,6 +99,7 @@ def token_logprobs(model, batch, micro_batch=8, token_chunk=256, with_entropy=Fa
         mm = (ids == model.config.image_token_id).int()
     head = model.get_output_embeddings()
     banned = torch.as_tensor(batch['banned'], device=ids.device) if batch.get('banned') else None
+    temperature, top_p = float(batch.get('temperature', 1.0)), float(batch.get('top_p', 1.0))
     chunk_fn = _chunk_logprobs_entropy if with_entropy else _chunk_logprobs
     rows, ents = [], []
     for s in range(0, B, micro_batch):
@@ -104,7 +120,7 @@ def token_logprobs(model, batch, micro_batch=8, token_chunk=256, with_entropy=Fa
         target = ids[s:e][valid[s:e]]                     # (k,) in the same row-major order
         parts = []
         for c in range(0, len(target), token_chunk):
-            args = (head, pred[c:c + token_chunk], target[c:c + token_chunk], banned)
+            args = (head, pred[c:c + token_chunk], target[c:c + token_chunk], banned, temperature, top_p)
             parts.append(checkpoint(chunk_fn, *args, use_reentrant=False) if torch.is_grad_enabled()
                          else chunk_fn(*args))
         if with_entropy:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-import data, grpo
+import data, grpo, parallel
 import model as M
 import segment as S
 
@@ -24,6 +24,8 @@ class Rollouts:
     mask: torch.Tensor            # (n, R) bool: the tokens up to and including the first EOS
     texts: list                   # n decoded responses
     banned: list                  # token ids the sampling distribution excludes (vision_tokens); the update too
+    temperature: float = 1.0      # the sampler's temperature and nucleus: the update scores the same distribution
+    top_p: float = 1.0
 
 
 class CounterSampler(LogitsProcessor):
@@ -69,12 +71,21 @@ def generate(net, proc, samples, template, image_size, n=1, greedy=True, tempera
              max_new_tokens=2048, seed=0, keys=None, chunk=None):
     """-> [Rollouts] per sample: n responses each (greedy: n must be 1). The vision tower runs once per
     image; `chunk` caps the rows (prompts x samples) per generate call, which bounds the KV cache
-    (at 7B, 256 rows of 3,000 tokens hold ~45 GB). keys: each sample's global id for its sampling
+    (at 7B, 256 rows of 3,000 tokens hold ~45 GB); every call pads its prompts to the same width, so
+    chunking changes no row's input. keys: each sample's global id for its sampling
     streams (default 0..B-1). Only temperature and top-p shape the sampling: whatever the checkpoint's
-    generation_config.json adds (repetition penalty, top-k, ...) is set aside (method §6: on-policy)."""
+    generation_config.json adds (repetition penalty, top-k, ...) is set aside (method §6: on-policy).
+    A sharded model (train.py / eval.py --shard) is gathered whole once for the call (parallel.gathered),
+    not once per decoding step."""
     if greedy and n != 1:
         raise ValueError('greedy decoding gives one answer per query: n must be 1')
-    keys = list(range(len(samples))) if keys is None else list(keys)
+    with parallel.gathered(net):
+        return _generate(net, proc, samples, template, image_size, n, greedy, temperature, top_p, max_new_tokens,
+                         seed, list(range(len(samples))) if keys is None else list(keys), chunk)
+
+
+def _generate(net, proc, samples, template, image_size, n, greedy, temperature, top_p, max_new_tokens, seed, keys,
+              chunk):
     b = M.make_inputs(proc, [data.resize_for_model(s.image, image_size) for s in samples],
                       [M.build_prompt(s.query, template) for s in samples]).to(net.device)
     vision = net.model.get_image_features(b['pixel_values'], b['image_grid_thw'], return_dict=True)
@@ -88,11 +99,10 @@ def generate(net, proc, samples, template, image_size, n=1, greedy=True, tempera
                              max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=banned)
     was_training, net.generation_config = net.training, clean
     net.eval()
-    outs = []
+    outs, width = [], max(len(q) for q in prompts)
     try:
         for c in range(0, len(rows), chunk or len(rows)):
             part = rows[c:c + (chunk or len(rows))]
-            width = max(len(prompts[j]) for j in part)
             ids = torch.full((len(part), width), pad, dtype=torch.long, device=net.device)
             att = torch.zeros_like(ids)
             for i, j in enumerate(part):  # left padding: generation appends on the right
@@ -112,8 +122,8 @@ def generate(net, proc, samples, template, image_size, n=1, greedy=True, tempera
     mask = (eos.int().cumsum(1) - eos.int()) == 0           # tokens before (and incl.) the 1st EOS
     texts = proc.batch_decode(resp.masked_fill(~mask, pad), skip_special_tokens=True)
     return [Rollouts(prompts[j], b['image_grid_thw'][j:j + 1], grpo.select_images(vision, [j]),
-                     resp[j * n:(j + 1) * n], mask[j * n:(j + 1) * n], texts[j * n:(j + 1) * n], banned)
-            for j in range(len(samples))]
+                     resp[j * n:(j + 1) * n], mask[j * n:(j + 1) * n], texts[j * n:(j + 1) * n], banned,
+                     *((1.0, 1.0) if greedy else (temperature, top_p))) for j in range(len(samples))]
 
 
 def update_batch(rollouts, rows):
@@ -127,7 +137,7 @@ def update_batch(rollouts, rows):
     return dict(input_ids=ids, attention_mask=att, response_mask=torch.cat([torch.zeros_like(att[:, :P]), resp], 1),
                 image_grid_thw=rollouts.image_grid_thw.expand(k, -1),
                 vision=grpo.select_images(rollouts.vision, [0] * k),
-                banned=rollouts.banned)
+                banned=rollouts.banned, temperature=rollouts.temperature, top_p=rollouts.top_p)
 
 
 def segment_answers(seg, sample, texts, image_size, coord_mode, key=None):

@@ -6,6 +6,7 @@ trained with (label-free prompt, input side). One end-to-end train.py run with e
 Run: python -m pytest -q tests/test_update.py
 """
 import json, os, subprocess, sys
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -176,3 +177,102 @@ def test_train_with_every_flag_then_eval_the_checkpoint(tmp_path):
     out = str(tmp_path / 'eval')
     p = run('--model', last, '--limit', 2, '--vis-n', 0, '--max-new-tokens', 20, '--out', out, script='eval.py')
     assert os.path.isfile(os.path.join(out, 'summary.json')) and 'adapter none' in p.stdout
+
+
+
+def _nucleus(scores, temperature, top_p):
+    """The sampling distribution by a plain loop: softmax(scores / T) as float64, the most likely tokens kept
+    until their mass reaches top_p. scores: (V,) as the sampler sees them. -> (p (V,), kept token ids)."""
+    p = torch.softmax(scores.double() / temperature, -1).numpy()
+    kept, mass = [], 0.0
+    for v in np.argsort(-p, kind='stable'):
+        if mass >= top_p:
+            break
+        kept.append(int(v))
+        mass += p[v]
+    return p, kept
+
+
+def test_update_scores_the_distribution_the_rollouts_were_sampled_from(bare, monkeypatch):
+    # --temperature 0.7 --top-p 0.9: the sampler draws from the processed distribution; the update must take the
+    # log-probs of that same distribution, or the first update's ratio is not 1 and the gradient is another's.
+    # A random tiny model: its spread-out next-token distributions make both flags matter.
+    net, proc = M.load_policy(bare)
+    lora.apply_lora(net, r=4, alpha=8)
+    T, P, n = 0.7, 0.9, 4
+    seen = []  # per decoding step: (rows,) log p of the drawn token, from generate's own (cached) forward
+    sample = pipeline.CounterSampler.__call__
+
+    def spy(self, input_ids, scores):
+        out = sample(self, input_ids, scores)
+        row = []
+        for s, t in zip(scores.float(), out.argmax(-1).tolist()):
+            p, kept = _nucleus(s, self.temperature, self.top_p)
+            row.append(float(np.log(p[t] / p[kept].sum())) if t in kept else float('-inf'))
+        seen.append(row)
+        return out
+
+    monkeypatch.setattr(pipeline.CounterSampler, '__call__', spy)
+    roll, = pipeline.generate(net, proc, world.dataset('train', 1, families=('explicit',)),
+                              M.load_template('stage1', bare), 56, n=n, greedy=False, temperature=T, top_p=P,
+                              max_new_tokens=24, seed=0, keys=[0])
+    R, resp, tok = roll.responses.shape[1], roll.mask, roll.responses                          # (n, R) each
+    old = torch.tensor(seen).T[:, :R]                                                          # (n, R)
+    batch = pipeline.update_batch(roll, torch.arange(n))
+    with torch.no_grad():
+        new = grpo.token_logprobs(net, batch)[:, -R:]                                          # (n, R)
+        plain = grpo.token_logprobs(net, {**batch, 'temperature': 1.0, 'top_p': 1.0})[:, -R:]
+    assert resp.sum() > 20 and torch.isfinite(old[resp]).all()
+    ratio = (new - old)[resp].exp()
+    assert (ratio - 1).abs().max() < 1e-4, (ratio - 1).abs().max()             # fp32 noise: cached vs full forward
+    assert (plain - old)[resp].abs().max() > 0.05                              # the raw softmax is another distribution
+    # the loss and its gradient equal those from log-probs of the processed distribution on full logits
+    adv, n_tok = torch.tensor([1.0, -1.0, 0.5, -0.5]), resp.sum().float()
+    params = lora.lora_parameters(net)
+    update.policy_loss(net, roll, torch.arange(n), adv, n_tok)
+    got = [q.grad.clone() for q in params]
+    net.zero_grad()
+    hidden = net.model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask'], use_cache=False,
+                       image_grid_thw=batch['image_grid_thw'],
+                       mm_token_type_ids=(batch['input_ids'] == net.config.image_token_id).int(),
+                       mm_encoder_outputs={'image': grpo.select_images(roll.vision, [0] * n)}).last_hidden_state
+    raw = net.lm_head(hidden[:, :-1]).float()[:, -R:].index_fill(-1, torch.tensor(roll.banned), float('-inf'))
+    drop = torch.ones_like(raw, dtype=torch.bool)                                             # (n, R, V)
+    for i, j in resp.nonzero().tolist():
+        drop[i, j, _nucleus(raw[i, j].detach(), T, P)[1]] = False
+    assert not drop[resp].gather(-1, tok[resp][:, None]).any()  # the drawn tokens are in their nucleus
+    ref = torch.log_softmax((raw / T).masked_fill(drop, float('-inf')), -1).gather(-1, tok[..., None])[..., 0]
+    zero = torch.zeros_like(old)
+    loss, _ = grpo.grpo_loss(torch.where(resp, ref, zero), torch.where(resp, old, zero), adv, resp)
+    loss.backward()
+    assert loss.item() == pytest.approx(-(adv[:, None] * resp).sum().item() / n_tok.item(), abs=1e-4)  # ratio 1
+    for g, q in zip(got, params):
+        torch.testing.assert_close(g, q.grad, atol=1e-6, rtol=1e-3)
+
+
+@pytest.mark.parametrize('tuning', ['lora', 'full'])
+def test_stage2_kl_reference_is_the_stage1_policy(rollouts, tuning, tmp_path):
+    # stage 2 continues a stage-1 adapter: its KL reference is that policy (KL 0 at the first step), not the base
+    net, _ = M.load_policy(BASE)
+    lora.apply_lora(net, r=4, alpha=8)
+    g = torch.Generator().manual_seed(1)
+    for _, m in lora.lora_modules(net):  # a stage 1 that moved the policy well away from the (confident) base
+        m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.5
+    stage1 = str(tmp_path / 'stage1.safetensors')
+    lora.save_lora(net, stage1, {'stage': 1})
+    net, _ = M.load_policy(BASE)
+    params, ref = update.setup(net, tuning, 4, 8, init_adapter=stage1, reference=True)
+    kept, adv, n_tok = torch.arange(4), torch.tensor([1.0, -1.0, 0.5, -0.5]), rollouts[0].mask.sum().float()
+    _, stats = update.policy_loss(net, rollouts[0], kept, adv, n_tok, ref=ref, kl_coef=0.1)
+    assert stats[0]['kl'] == 0  # the first stage-2 step: the policy is its reference
+    batch = pipeline.update_batch(rollouts[0], kept)
+    k3 = lambda r, p: grpo.masked_mean((r - p).exp() - (r - p) - 1, batch['response_mask']).item()  # noqa: E731
+    base, _ = M.load_policy(BASE)
+    one, _ = M.load_policy(BASE, adapter=stage1)  # the stage-1 policy, loaded on its own
+    with torch.no_grad():
+        assert k3(grpo.token_logprobs(base, batch), grpo.token_logprobs(net, batch)) > 1e-3  # the base is far
+    torch.optim.AdamW(params, lr=1e-2).step()
+    _, stats = update.policy_loss(net, rollouts[0], kept, adv, n_tok, ref=ref, kl_coef=0.1)
+    with torch.no_grad():  # after a step: k3 to the stage-1 policy, by hand
+        expected = k3(grpo.token_logprobs(one, batch), grpo.token_logprobs(net, batch))
+    assert stats[0]['kl'] == pytest.approx(expected, rel=1e-3) and expected > 0
