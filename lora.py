@@ -20,16 +20,19 @@ class LoRALinear(nn.Module):
     A and B are fp32 whatever the base dtype (method §7): on a bf16 base an update of lr 5e-6 on
     a weight of ~1e-2 is below bf16's resolution (~4e-5 there) and would round to no change."""
 
-    def __init__(self, base, r, alpha, dropout=0.0):
+    def __init__(self, base, r, alpha, dropout=0.0, reference=False):
         super().__init__()
         self.base = base.requires_grad_(False)
         w = base.weight  # (out, in); the adapter lives on the same device, in fp32
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=torch.float32, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=torch.float32, device=w.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init nn.Linear gives its weight
+        self.lora_A = nn.Parameter(initial('lora_A', (r, base.in_features), w.device))
+        self.lora_B = nn.Parameter(initial('lora_B', (base.out_features, r), w.device))
+        # reference: a second, frozen adapter (the KL reference when training continues an adapter, method §6),
+        # set by keep_reference; parameters, not buffers, so that --shard cuts them with the layer
+        self.ref_A = nn.Parameter(torch.zeros_like(self.lora_A), requires_grad=False) if reference else None
+        self.ref_B = nn.Parameter(torch.zeros_like(self.lora_B), requires_grad=False) if reference else None
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged, self.enabled = False, True
+        self.merged, self.enabled, self.as_reference = False, True, False
 
     def delta_weight(self):
         # (out, r) @ (r, in) in fp32, so merging a bf16 model rounds once, not twice
@@ -37,13 +40,21 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        if self.merged or not self.enabled:  # merged: the delta is already inside base.weight
+        A, B = (self.ref_A, self.ref_B) if self.as_reference else (self.lora_A, self.lora_B)
+        if self.merged or not self.enabled or A is None:  # merged: the delta is already inside base.weight
             return y
-        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (..., r) in fp32, as peft does
-        return y + (h @ self.lora_B.t() * self.scaling).to(y.dtype)
+        h = self.dropout(x).to(A.dtype) @ A.t()  # (..., r) in fp32, as peft does
+        return y + (h @ B.t() * self.scaling).to(y.dtype)
 
     def extra_repr(self):
         return f'r={self.r}, alpha={self.alpha}, merged={self.merged}'
+
+
+def initial(name, shape, device=None):
+    """A new adapter's whole tensor: lora_A as nn.Linear initialises its weight, lora_B zeros (the adapted
+    model starts as its base). parallel.load_sharded draws it the same way, then keeps its rank's part."""
+    t = torch.zeros(shape, dtype=torch.float32, device=device)
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5)) if name == 'lora_A' else t
 
 
 def lora_modules(model):
@@ -55,9 +66,10 @@ def _wanted(name, targets, exclude):
     return parts[-1] in targets and not any(e in p for p in parts for e in exclude)
 
 
-def apply_lora(model, r=64, alpha=64, dropout=0.0, targets=TARGETS, exclude=EXCLUDE):
-    """Wrap every matching nn.Linear in place and freeze everything else.
-    -> (names of the wrapped modules, number of trainable parameters)."""
+def apply_lora(model, r=64, alpha=64, dropout=0.0, targets=TARGETS, exclude=EXCLUDE, reference=False):
+    """Wrap every matching nn.Linear in place and freeze everything else. reference: each wrapper also
+    gets a frozen second adapter (keep_reference fills it). -> (names of the wrapped modules, number of
+    trainable parameters)."""
     if lora_modules(model):
         raise ValueError('model already has LoRA adapters; apply_lora twice would freeze them')
     model.requires_grad_(False)
@@ -67,7 +79,7 @@ def apply_lora(model, r=64, alpha=64, dropout=0.0, targets=TARGETS, exclude=EXCL
     for n in names:
         parent_name, _, leaf = n.rpartition('.')
         parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout))
+        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout, reference))
     return names, sum(p.numel() for p in lora_parameters(model))
 
 
@@ -104,6 +116,34 @@ def lora_disabled(model):
     finally:
         for m, e in zip(mods, before):
             m.enabled = e
+
+
+@torch.no_grad()
+def keep_reference(model):
+    """Freeze a copy of the adapters as they are now as the reference (apply_lora(reference=True) made room
+    for it; else it is added here): reference_mode then runs the model with it. Training that continues an
+    adapter (stage 2 from stage 1) keeps its start so, and the KL pulls toward the policy it started from."""
+    for _, m in lora_modules(model):
+        if m.ref_A is None:
+            m.ref_A, m.ref_B = (nn.Parameter(t.detach().clone(), requires_grad=False) for t in (m.lora_A, m.lora_B))
+        else:
+            m.ref_A.copy_(m.lora_A), m.ref_B.copy_(m.lora_B)
+
+
+@contextlib.contextmanager
+def reference_mode(model):
+    """Run the KL reference inside the block (method §6): the frozen adapters keep_reference kept, or,
+    where there are none, the base with adapters off (lora_disabled). No second copy of the model."""
+    mods = [m for _, m in lora_modules(model)]
+    if any(m.merged for m in mods):
+        raise RuntimeError('reference_mode on a merged model: call unmerge_lora(model) first')
+    for m in mods:
+        m.as_reference = True
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.as_reference = False
 
 
 @torch.no_grad()
@@ -212,6 +252,10 @@ def load_lora(model, path_or_state):
                              f'model {tuple(own[k].shape)} (rank {cfg["r"]})')
     if any(m.merged for _, m in lora_modules(model)):
         raise RuntimeError('load_lora into a merged model: call unmerge_lora(model) first')
-    for k, v in state.items():
-        own[k].copy_(v)  # own[k] shares storage with the parameter; copy_ casts dtype/device
+    for k, v in state.items():  # own[k] shares storage with the parameter; copy_ casts dtype/device
+        if hasattr(own[k], 'device_mesh'):  # sharded (--shard): this rank's part of the whole tensor
+            from torch.distributed.tensor import distribute_tensor
+            v = distribute_tensor(v.to(own[k].device_mesh.device_type), own[k].device_mesh, own[k].placements,
+                                  src_data_rank=None)  # src_data_rank None: each rank cuts its own, no traffic
+        own[k].copy_(v)
     return meta

@@ -29,7 +29,10 @@ def weight_dtype(tuning):
 def setup(net, tuning, lora_r, lora_alpha, init_adapter=None, reference=False):
     """Make `net` trainable the chosen way -> (the parameters the optimizer sees, the KL reference or None).
     lora: adapters on every LM linear (method §7), `init_adapter` (the stage-1 adapter) loaded into
-      them; the reference is `net` itself, run with its adapters off (lora.lora_disabled): no copy.
+      them; the reference is `net` itself (lora.reference_mode): the adapters off, or, when training
+      continues `init_adapter`, that adapter kept frozen beside the trained one (lora.keep_reference), so
+      the KL pulls toward the stage-1 policy stage 2 starts from, not toward the base. No copy of the model.
+      A `net` already wrapped (parallel.load_sharded applies the adapters before sharding) is used as is.
     full: `init_adapter`, when given, is merged into the weights first, so the run starts from the same
       policy as a LoRA run continuing that adapter. Every language-model weight trains: every linear,
       the norms, the embeddings and lm_head (the predecessors' full fine-tuning, which froze only the
@@ -39,9 +42,12 @@ def setup(net, tuning, lora_r, lora_alpha, init_adapter=None, reference=False):
     if tuning not in TUNINGS:
         raise ValueError(f'tuning must be one of {TUNINGS}, got {tuning!r}')
     if tuning == 'lora':
-        lora.apply_lora(net, r=lora_r, alpha=lora_alpha)
+        if not lora.lora_modules(net):
+            lora.apply_lora(net, r=lora_r, alpha=lora_alpha)
         if init_adapter:
             lora.load_lora(net, init_adapter)  # refuses an adapter of another rank / target set
+            if reference:
+                lora.keep_reference(net)
         return lora.lora_parameters(net), (net if reference else None)
     if init_adapter:
         meta = lora.read_lora(init_adapter)[1]
@@ -79,8 +85,8 @@ def policy_loss(net, rollouts, kept, adv, n_tok, micro_batch=8, clip_eps=0.2, re
         out = grpo.token_logprobs(net, batch, micro_batch=micro_batch, with_entropy=entropy_coef > 0)
         logp, entropy = out if entropy_coef > 0 else (out, None)                # (n, T) fp32 each
         ref_logp = None
-        if kl_coef > 0:  # LoRA: the same network with its adapters off; full: the frozen copy
-            with torch.no_grad(), lora.lora_disabled(ref):
+        if kl_coef > 0:  # LoRA: the same network with its start's adapters (or none); full: the frozen copy
+            with torch.no_grad(), lora.reference_mode(ref):
                 ref_logp = grpo.token_logprobs(ref, batch, micro_batch=micro_batch)
         # one optimizer step per rollout batch: the old policy is the current one (ratio 1, §6)
         loss, st = grpo.grpo_loss(logp, logp.detach(), adv[k:k + micro_batch].to(logp.device),
