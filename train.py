@@ -41,8 +41,8 @@ a.add_argument('--rollouts', type=int, help='REST N: rollouts sampled per prompt
 a.add_argument('--lr', type=float, help='learning rate (paper 1e-5 stage 1, 5e-6 stage 2)')
 a.add_argument('--wd', type=float, default=1e-3, help='AdamW weight decay (1e-3)')
 a.add_argument('--clip-eps', type=float, default=0.2, help='PPO clip range (0.2)')
-a.add_argument('--kl-coef', type=float, default=0.0, help='k3 KL to the starting policy: the adapters-off base, '
-               'or with --tuning full a frozen copy (StAR: 0; predecessors 5e-3 to 1e-2)')
+a.add_argument('--kl-coef', type=float, default=0.0, help='k3 KL to the starting policy: the base, stage 2 the '
+               'stage-1 adapter kept frozen, or with --tuning full a frozen copy (StAR: 0; predecessors 5e-3 to 1e-2)')
 a.add_argument('--lora-r', type=int, help='LoRA rank (paper 64, sandbox 16)')
 a.add_argument('--lora-alpha', type=float, help='LoRA alpha (paper 64, sandbox 32)')
 a.add_argument('--temperature', type=float, default=1.0, help='rollout sampling temperature (1.0)')
@@ -179,19 +179,21 @@ try:  # data, paths and adapters first; each problem ends in one line, not a tra
     proc = M.load_processor(base)
     args.image_size = args.image_size if size_given else min(args.image_size, M.default_image_size(proc))
     M.check_image_size(proc, args.image_size)
-    net = M.load_model(base, update.weight_dtype(args.tuning), args.device, random_init=args.random_init)
+    init = args.init_adapter if args.stage == 2 and args.init_adapter != 'none' else None  # full: merged in
+    if args.shard:  # each rank builds and reads only its shards (adapters too), never the whole model
+        adapters = lambda n: lora.apply_lora(n, r=args.lora_r, alpha=args.lora_alpha,  # noqa: E731
+                                             reference=args.kl_coef > 0 and init is not None)
+        net = parallel.load_sharded(base, None, args.device, adapters, lora.initial, args.random_init)
+    else:
+        net = M.load_model(base, update.weight_dtype(args.tuning), args.device, random_init=args.random_init)
     coord_mode = args.coord_mode or M.default_coord_mode(net)
     template = M.load_template(args.prompt_file or M.template_name(f'stage{args.stage}', not args.no_label), base)
-    init = args.init_adapter if args.stage == 2 and args.init_adapter != 'none' else None  # full: merged in
     params, ref_net = update.setup(net, args.tuning, args.lora_r, args.lora_alpha, init, reference=args.kl_coef > 0)
-    if args.resume and resumed:  # whole tensors: before any sharding
+    if args.resume and resumed:  # (--shard: each rank takes its part of the whole tensors)
         update.load_weights(net, ckpt, args.tuning)
     seg = S.load_segmenter(args.sam, args.sam_type, args.device) if args.sam else S.ColorSegmenter()
     if str(args.device).startswith('cuda'):
         lora.enable_checkpointing(net)
-    if args.shard:
-        parallel.shard(net, args.device)
-        params = lora.lora_parameters(net)  # the sharded parameters replace the whole ones
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
     start = 0
     if args.resume and resumed:

@@ -98,8 +98,57 @@ def loop(mode, out, steps):
                         opt_state, steps, {}, 'find: {question}')
 
 
+def real_path(out):
+    """Loading and generation as --shard does them, against the whole model in the same process: the sharded
+    load (parallel.load_sharded) gives the same weights while each rank holds its shards only; generate under
+    --shard samples the same rollouts and all-gathers each unit once per call, not once per decoding step."""
+    import torch.distributed as dist
+    import parallel, pipeline
+    from sandbox import world
+    import model as M
+    torch.set_num_threads(1)
+    _, rank, _, dev = parallel.init_distributed('cpu')
+    proc, res = M.load_processor(BASE), {}
+    torch.manual_seed(0)
+    whole = M.load_model(BASE)
+    lora.apply_lora(whole, r=4, alpha=8, reference=True)
+    torch.manual_seed(0)
+    net = parallel.load_sharded(BASE, device=dev, init=lora.initial,
+                                prepare=lambda n: lora.apply_lora(n, r=4, alpha=8, reference=True))
+    mine = dict(whole.named_parameters())
+    res['same_weights'] = all(torch.equal(parallel.full(p), mine[k]) for k, p in net.named_parameters())
+    res['held'] = sum((p.to_local() if parallel.is_sharded(p) else p).numel() for p in net.parameters())
+    res['whole'] = sum(p.numel() for p in whole.parameters())
+    res['units'] = sum(1 for m in net.modules() if type(m).__name__.startswith('FSDP'))
+    samples = [world.sample('val', i, ('P/F', 'C/KI')) for i in range(2)]
+    kw = dict(n=2, greedy=False, seed=0, keys=[0, 1])
+    run = lambda model, tokens: pipeline.generate(model, proc, samples, 'find: {question}', 112,  # noqa: E731
+                                                  max_new_tokens=tokens, **kw)
+    real, count = dist.all_gather_single, [0]
+
+    def counting(*a, **k):
+        count[0] += 1
+        return real(*a, **k)
+    dist.all_gather_single = counting  # what FSDP2 all-gathers with
+    for name, gather in (('once', True), ('per_step', False)):
+        parallel._fits = lambda *_: gather  # noqa: B023 - False: as where the whole model does not fit
+        for tokens in (8, 24):
+            count[0] = 0
+            rolls = run(net, tokens)
+            res[f'{name}{tokens}'] = dict(gathers=count[0], steps=rolls[0].responses.shape[1],
+                                          texts=[r.texts for r in rolls])
+    dist.all_gather_single = real
+    res['plain'] = [r.texts for r in run(whole, 24)]
+    if rank == 0:
+        with open(os.path.join(out, 'real.json'), 'w') as f:
+            json.dump(res, f)
+
+
 if __name__ == '__main__':
-    loop(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    if sys.argv[1] == 'real':
+        real_path(sys.argv[2])
+    else:
+        loop(sys.argv[1], sys.argv[2], int(sys.argv[3]))
     sys.exit(0)
 
 
@@ -198,3 +247,17 @@ def test_train_shard_equals_one_process_and_resumes_exactly(tmp_path):
     assert drop_times(records(part)) == drop_times(r2)
     c = adapter(part)
     assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_sharded_loading_and_generation_as_the_real_path_needs(tmp_path):
+    # loading: the same weights, each rank holding about half; generation: the same rollouts, each FSDP unit
+    # all-gathered once per generate call whatever the length, where per-step gathering costs a gather per token
+    launch('real', str(tmp_path), ranks=2)
+    r = json.load(open(tmp_path / 'real.json'))
+    assert r['same_weights'] and r['held'] < 0.75 * r['whole']  # (lm_head / tied embeddings stay whole)
+    for tokens in (8, 24):
+        once, per_step = r[f'once{tokens}'], r[f'per_step{tokens}']
+        assert once['texts'] == per_step['texts'] and once['steps'] == per_step['steps'] == tokens
+    assert r['once24']['texts'] == r['plain']
+    assert r['once8']['gathers'] == r['once24']['gathers'] <= r['units']  # one gather per unit, any length
+    assert r['per_step24']['gathers'] - r['per_step8']['gathers'] >= 5 * 16  # per step: each LM unit, each token
