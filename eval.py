@@ -34,6 +34,9 @@ g.add_argument('--limit', '--n', dest='n', type=int, metavar='K', help='the firs
                'synthetic, all of --data); under torchrun write --limit (torchrun takes --n as its own)')
 g.add_argument('--batch', type=int, default=8, metavar='B',
                help='queries per generate call, fixed: padding changes greedy outputs (method §12) (default: 8)')
+g.add_argument('--gen-chunk', type=int, metavar='R', help='rows (queries x samples) per generate call: bounds the KV '
+               f'cache; the answers do not depend on it (default: {inference.GEN_CHUNK} with --model, fits an 80 GB '
+               'GPU at 7B; all of a batch in the sandbox)')
 g.add_argument('--temperature', type=float, default=1.0, metavar='T', help='sampling temperature (default: 1.0)')
 g.add_argument('--top-p', type=float, default=0.9, metavar='P', help='nucleus sampling (default: 0.9)')
 g.add_argument('--agg', default='best', choices=['best', 'consensus'],
@@ -169,6 +172,7 @@ if args.compare and len(args.compare) == 2:  # standalone: two finished evals, n
     show_comparison(read_eval(args.compare[0]), read_eval(args.compare[1]), *args.compare)
     sys.exit(0)
 for flag, value, least in [('--vote', args.vote, 1), ('--limit', args.n, 1), ('--batch', args.batch, 1),
+                           ('--gen-chunk', args.gen_chunk, 1),
                            ('--vis-n', args.vis_n, 0), ('--max-new-tokens', args.max_new_tokens, 1),
                            ('--image-size', args.image_size, 1), ('--threads', args.threads, 1)]:
     if value is not None and value < least:
@@ -218,9 +222,10 @@ part = open(part_path, 'w')
 
 # ------------------------------------------------------------------ 3. model, segmenter, prompt
 pol = inference.load('eval', base, adapter, meta, args.device, args.image_size, args.coord_mode, args.prompt_file,
-                   args.sam, args.sam_type, args.threads, sandbox)
+                   args.sam, args.sam_type, args.threads, sandbox, shard=args.shard)
 image_size, coord_mode = pol['image_size'], pol['coord_mode']
 max_new = args.max_new_tokens or (inference.SANDBOX_NEW_TOKENS if sandbox else 2048)
+gen_chunk = args.gen_chunk or (None if sandbox else inference.GEN_CHUNK)
 if args.data and not args.sam and rank == 0:
     print('[eval] WARNING: --data without --sam: the colour segmenter only suits the synthetic world')
 if rank == 0:
@@ -232,14 +237,14 @@ if rank == 0:
 # ------------------------------------------------------------------ 4. generate, segment, vote, score
 t0, records, mine = time.time(), [], shard(len(samples), args.batch, rank, world_size)
 bar = tqdm(total=sum(len(idx) for _, idx in mine), desc='eval', disable=rank != 0)
-if args.shard:  # FSDP2; its collectives need every rank to make as many generate calls: the short ones rerun a batch
-    parallel.shard(pol['net'], args.device)
+if args.shard:  # FSDP2 (loaded sharded); its collectives need every rank to make as many generate calls: the
+    # short ones rerun a batch
     mine += [(None, mine[-1][1] if mine else [0])] * (len(shard(len(samples), args.batch, 0, world_size)) - len(mine))
 for b, idx in mine:
     chunk = [samples[i] for i in idx]
     rolls = pipeline.generate(pol['net'], pol['proc'], chunk, pol['template'], image_size, n=N, greedy=N == 1,
                               temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new, seed=args.seed,
-                              keys=idx)  # per-query sampling streams: batching and ranks do not change them
+                              keys=idx, chunk=gen_chunk)  # per-query streams: batches, chunks, ranks change nothing
     if b is None:  # --shard: a rerun to keep the ranks in step, not a result
         continue
     texts = [t for r in rolls for t in r.texts]

@@ -8,11 +8,15 @@ import json, os, sys
 import numpy as np
 import torch
 
-import checkpoint, lora, update, vis, vote
+import checkpoint, lora, parallel, update, vis, vote
 import model as M
 import segment as S
 
 SANDBOX_BASE, SANDBOX_THREADS, SANDBOX_NEW_TOKENS = 'sandbox/stage0', 1, 160
+# Rows (queries x samples) per generate call with a real model (--gen-chunk): the KV cache of a 7B row of ~3,000
+# tokens is ~0.17 GB (28 layers x 4 KV heads x 128 x 2 x bf16 per token), so 64 rows take ~11 GB beside 15 GB of
+# weights on an 80 GB GPU, where eval.py --vote 32 --batch 8 in one call (256 rows) would not fit.
+GEN_CHUNK = 64
 
 
 def fail(tool, msg):
@@ -54,17 +58,25 @@ def resolve(model, adapter, tool='eval'):
 
 
 def load(tool, base, adapter, meta, device, image_size=None, coord_mode=None, prompt_file=None, sam=None,
-         sam_type='vit_h', threads=None, sandbox=True):
+         sam_type='vit_h', threads=None, sandbox=True, shard=False):
     """-> dict(net, proc, seg, template, image_size, coord_mode). Input side and coordinate mode come
     from the flags, else the training metadata (resolve), else the processor / model type; the prompt
     from --prompt-file, else the base's prompt.txt, else our eval template, label-free when the model
     was trained with --no-label. In the sandbox the
     CPU thread count is fixed (SANDBOX_THREADS unless `threads`): same command, same numbers, and two
-    jobs on two cores do not slow each other down tenfold."""
+    jobs on two cores do not slow each other down tenfold. shard (eval.py --shard, under torchrun): the
+    model comes sharded, each rank having read only its slices (parallel.load_sharded)."""
     if threads or (sandbox and str(device) == 'cpu'):
         torch.set_num_threads(threads or SANDBOX_THREADS)
     try:
-        net, proc = M.load_policy(base, device=device, adapter=adapter)
+        if shard:  # never the whole model on a rank: the adapter wrapped before sharding, loaded after
+            state, info = lora.read_lora(adapter) if adapter else (None, {})
+            wrap = (lambda n: lora.apply_lora(n, r=info['r'], alpha=info['alpha'])) if adapter else None
+            net, proc = parallel.load_sharded(base, None, device, wrap, lora.initial), M.load_processor(base)
+            if adapter:
+                lora.load_lora(net, state)
+        else:
+            net, proc = M.load_policy(base, device=device, adapter=adapter)
     except Exception as e:  # noqa: BLE001 - a bad checkpoint / adapter becomes one line
         fail(tool, f'cannot load {base}' + (f' with {adapter}' if adapter else '') + f': {type(e).__name__}: {e}')
     size = image_size or meta.get('image_size') or M.default_image_size(proc)

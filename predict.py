@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 import data, pipeline, vis
-from inference import SANDBOX_NEW_TOKENS, SANDBOX_THREADS, combine, fail, load, resolve
+from inference import GEN_CHUNK, SANDBOX_NEW_TOKENS, SANDBOX_THREADS, combine, fail, load, resolve
 
 
 def main():
@@ -25,6 +25,8 @@ def main():
     g.add_argument('--query', required=True, metavar='TEXT', help='what to find, e.g. "something to sit on"')
     g.add_argument('--vote', type=int, default=1, metavar='N', help='samples: 1 = greedy, N > 1 = mask voting '
                    '(T = 1, top-p 0.9) (default: 1)')
+    g.add_argument('--gen-chunk', type=int, metavar='R', help='samples per generate call: bounds the KV cache; the '
+                   f'answers do not depend on it (default: {GEN_CHUNK} with --model, all in the sandbox)')
     g.add_argument('--adapter', metavar='FILE', help='LoRA file (default without --model: newest runs/stage{2,1})')
     g.add_argument('--out', default='runs/predict', metavar='DIR', help='output folder (default: runs/predict)')
     g.add_argument('--seed', type=int, default=0, metavar='S', help='sampling seed under --vote (default: 0)')
@@ -48,7 +50,7 @@ def main():
     s.add_argument('--threads', type=int, metavar='K', help=f'CPU threads (default: {SANDBOX_THREADS} in the sandbox)')
     args = p.parse_args()
     for flag, value in [('--vote', args.vote), ('--max-new-tokens', args.max_new_tokens),
-                        ('--image-size', args.image_size), ('--threads', args.threads)]:
+                        ('--image-size', args.image_size), ('--threads', args.threads), ('--gen-chunk', args.gen_chunk)]:
         if value is not None and value < 1:
             fail('predict', f'{flag} {value}: must be >= 1')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -68,7 +70,8 @@ def main():
     sample = data.Sample(id=args.image, image=image, query=args.query, masks=np.zeros((0, H, W), bool))
     texts = pipeline.generate(pol['net'], pol['proc'], [sample], pol['template'], pol['image_size'], n=args.vote,
                               greedy=args.vote == 1, top_p=0.9, seed=args.seed, max_new_tokens=args.max_new_tokens
-                              or (SANDBOX_NEW_TOKENS if args.model is None else 2048))[0].texts
+                              or (SANDBOX_NEW_TOKENS if args.model is None else 2048),
+                              chunk=args.gen_chunk or (None if args.model is None else GEN_CHUNK))[0].texts
     answers = pipeline.segment_answers(pol['seg'], sample, texts, pol['image_size'], pol['coord_mode'])
     pred, layers, _, reason = combine(answers, args.vote, shape=(H, W))
     print(f'[predict] {base} + {adapter or "no adapter"} | {W}x{H} image, model input {pol["image_size"]}')

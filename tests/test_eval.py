@@ -258,6 +258,9 @@ def test_end_to_end_greedy_vote_compare_and_two_processes(tiny, tmp_path):
     assert Image.open(os.path.join(out1, 'vis', '00000.png')).size[0] >= 3 * 400  # 224 px scenes drawn larger
 
     stdout, sv, rv, out = run(common(tiny, tmp_path / 'v4') + ['--vote', '4', '--compare', out1])
+    # --gen-chunk: a batch's 2 queries x 4 samples = 8 rows, in generate calls of 3 rows: the same answers, same summary
+    _, sc, rc, _ = run(common(tiny, tmp_path / 'v4c') + ['--vote', '4', '--gen-chunk', '3'])
+    assert rc == rv and {**sc, 'seconds': 0} == {**sv, 'seconds': 0}
     assert sv['vote'] == 4 and set(sv['curve']) == {'1', '2', '4'} and sv['curve']['4']['gIoU'] == sv['gIoU']
     assert all(len(r['answers']) == 4 and len(r['resp_len']) == 4 for r in rv)
     assert Image.open(os.path.join(out, 'curve.png')).size[0] > 100
