@@ -1,9 +1,11 @@
 """bench/memory.py: what --shard (FSDP2, parallel.shard) buys in memory per rank. (1) measured: one GRPO step
-of the tiny sandbox model on 2 CPU processes (gloo), each rank's peak with and without sharding; (2) estimated
+of the tiny sandbox model on 2 CPU processes (gloo), each rank's peak with and without sharding; loading for
+--shard both ways (each rank reads its slices, parallel.load_sharded; or each loads the whole, then shards):
+each rank's peak host memory and peak of tensors allocated, on a wide tiny model; (2) estimated
 from the real configurations (parameter counts exact, from the model built on the meta device; activations
 from the formulas below): per-GPU memory at Qwen2.5-VL-7B and Qwen3-VL-32B, one GPU's full copy vs sharded
 over the 8 GPUs of a node. A measurement, not a test (bench/speed.py holds the other figures):
-  OMP_NUM_THREADS=1 python -m bench.memory [--only measured,estimate]
+  OMP_NUM_THREADS=1 python -m bench.memory [--only measured,loading,estimate]
 """
 import argparse, json, os, subprocess, sys, tempfile
 import torch
@@ -56,6 +58,82 @@ def worker(mode, base, out):
     held = held_mb(net, opt)
     with open(os.path.join(out, f'{mode}{rank}.json'), 'w') as f:
         json.dump(dict(held=held, peak=held + peak_mb(lambda: step(1), 'cpu')), f)
+
+
+def _rss_mb():
+    """This process's resident memory now, MB: private (anonymous: tensors it made) and file-backed (pages of
+    memory-mapped checkpoint files it touched; the node's page cache holds each file once, whoever maps it)."""
+    with open('/proc/self/status') as f:
+        kb = {k: int(v.split()[0]) for k, v in (line.split(':', 1) for line in f) if k in ('RssAnon', 'RssFile')}
+    return kb['RssAnon'] / 1024, kb['RssFile'] / 1024
+
+
+def load_worker(mode, base, out):
+    """One rank loads `base` for --shard, LoRA r 16 applied: 'whole' as before (every rank reads the whole model,
+    puts it on its device, then shards it) or 'sharded' (parallel.load_sharded: a meta-device build, each rank
+    reads its slices only). Writes the peak rise of its private and file-backed memory while loading (sampled
+    every 2 ms) and the parameter bytes it holds after."""
+    import threading, time
+    import lora, parallel
+    import model as M
+    torch.set_num_threads(1)
+    _, rank, _, dev = parallel.init_distributed('cpu')
+    adapters = lambda n: lora.apply_lora(n, r=16, alpha=32)  # noqa: E731
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    with torch.device('meta'):  # the libraries both ways import, loaded before the measurement starts
+        AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(base))
+    (anon0, file0), peak, done, box = _rss_mb(), [0.0, 0.0], threading.Event(), []
+
+    def watch():
+        while not done.is_set():
+            anon, file = _rss_mb()
+            peak[:] = max(peak[0], anon - anon0), max(peak[1], file - file0)
+            time.sleep(0.002)
+    t = threading.Thread(target=watch)
+    t.start()
+    if mode == 'whole':
+        net = M.load_model(base, device=dev)
+        adapters(net)
+        box.append(parallel.shard(net, dev))
+    else:
+        box.append(parallel.load_sharded(base, None, dev, adapters, lora.initial))
+    done.set()
+    t.join()
+    local = lambda t: t.to_local() if hasattr(t, 'to_local') else t  # noqa: E731
+    held = sum(local(p).numel() * local(p).element_size() for p in box[0].parameters()) / MB
+    with open(os.path.join(out, f'load-{mode}{rank}.json'), 'w') as f:
+        json.dump(dict(anon=peak[0], file=peak[1], held=held), f)
+
+
+def loading():
+    """Loading for --shard, both ways, 2 CPU ranks (gloo), on a wide tiny model (8 layers of width 1,024)."""
+    import transformers
+    from sandbox import tiny, world
+    transformers.utils.logging.disable_progress_bar()
+    tmp = tempfile.mkdtemp(prefix='bench_load_')
+    wide = tiny.build_tiny_policy(os.path.join(tmp, 'wide'), words=world.vocabulary(), hidden=1024, layers=8, heads=8,
+                                  mrope=(16, 24, 24), prompt='find: {question}')
+    from safetensors.torch import load_file, save_file
+    for f in (os.path.join(wide, f) for f in os.listdir(wide) if f.endswith('.safetensors')):
+        # bf16 on disk, fp32 in memory: each way copies what it reads, as a GPU copies it from the file (on CPU
+        # an fp32 file would stay memory-mapped and the copy, the device's share, would go unseen)
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f, metadata={'format': 'pt'})
+    size = sum(os.path.getsize(os.path.join(wide, f)) for f in os.listdir(wide) if f.endswith('.safetensors')) / MB
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false'}
+    for mode in ('whole', 'sharded'):
+        subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'bench.memory',
+                        '--load-worker', mode, wide, tmp], check=True, env=env, capture_output=True)
+    r = {m: [json.load(open(os.path.join(tmp, f'load-{m}{k}.json'))) for k in (0, 1)] for m in ('whole', 'sharded')}
+    cell = lambda m, key: ' / '.join(f'{x[key]:.0f}' for x in r[m])  # noqa: E731
+    lines = [f'| loading for --shard, 2 CPU ranks (gloo), tiny 8 x 1,024 ({size:.0f} MB of bf16 weights, read as fp32), '
+             'MB per rank '
+             '(rank 0 / rank 1) | each rank reads its slices (`parallel.load_sharded`) | each rank loads the whole, '
+             'then shards |', '|---|---|---|']
+    for key, name in (('anon', 'peak private memory while loading (tensors: on a GPU, device memory)'),
+                      ('file', 'peak file-backed memory while loading (checkpoint pages: one page cache per node)'),
+                      ('held', 'parameters held after loading (shards, lm_head and embeddings whole, LoRA)')):
+        lines.append(f'| {name} | {cell("sharded", key)} | {cell("whole", key)} |')
+    return lines
 
 
 def measured():
@@ -124,25 +202,36 @@ def estimate():
         act = (c['L'] * MICRO * TOKENS * c['H'] * 2 + 2 * MICRO * TOKENS * (3 * c['I'] + 6 * c['H']) * 2
                + 3 * CHUNK * c['V'] * 4) / GB
         w = base if shards == 1 else (base - head) / shards + head + (2 * c['layer'] + c['embed']) * 2 / GB
-        cols.append([w, lora_ / shards, sam, gen, act, w + lora_ / shards + sam + max(gen, act)])
+        held = base if shards == 1 else (base - head) / shards + head  # after loading, before any layer runs
+        cols.append([w, lora_ / shards, sam, gen, act, w + lora_ / shards + sam + max(gen, act),
+                     base + lora_ / shards + sam + gen,
+                     SHARDS * base if shards > 1 else base, base + (SHARDS * head if shards > 1 else 0), base, held])
     names = ['base weights, bf16 (sharded: + lm_head whole, 2 layers and the embedding while in use)',
              f'LoRA r {R} + gradient + AdamW, fp32', 'SAM vit_h, fp32',
              f'generate: KV cache of one chunk x {TOKENS} tokens + its prefill', f'update: activations, checkpointed, '
-             f'{MICRO} x {TOKENS} tokens', '**peak ≈ static + max(generate, update)**']
+             f'{MICRO} x {TOKENS} tokens', '**peak ≈ static + max(generate, update)**',
+             'generating with the whole model gathered once per call (`parallel.gathered`, under --shard when it '
+             'fits in half the free memory: 7B yes, 32B no)',
+             f'loading, host RAM per node of {SHARDS} GPUs: each rank loads the whole model, then shards',
+             'loading, host RAM per node: `parallel.load_sharded` (the files once, in the page cache, + each rank '
+             'reading lm_head whole)', 'loading, device peak per GPU: the whole model, then sharded',
+             'loading, device peak per GPU: `parallel.load_sharded` (its shards + lm_head)']
     return lines + [f'| {n} | ' + ' | '.join(f'{c[i]:.1f}' for c in cols) + ' |' for i, n in enumerate(names)]
 
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--only', default='measured,estimate', help='comma-separated subset of measured,estimate')
+    p.add_argument('--only', default='measured,loading,estimate', help='comma-separated subset of measured,loading,'
+                   'estimate')
     p.add_argument('--out', default='runs/bench_memory.md', help='where the markdown tables are written')
     p.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)  # internal: MODE BASE DIR, one rank under torchrun
+    p.add_argument('--load-worker', nargs=3, help=argparse.SUPPRESS)  # internal, the same for loading()
     args = p.parse_args()
-    if args.worker:
-        worker(*args.worker)
+    if args.worker or args.load_worker:
+        (worker if args.worker else load_worker)(*(args.worker or args.load_worker))
         sys.exit(0)
     text = []
-    for name, fn in (('measured', measured), ('estimate', estimate)):
+    for name, fn in (('measured', measured), ('loading', loading), ('estimate', estimate)):
         if name in args.only.split(','):
             text += fn() + ['']
     print('\n'.join(text))
