@@ -145,8 +145,8 @@ def check_space(folder, need):
     filesystem of `folder` has less than `need` bytes free (OSError, one line)."""
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise OSError(28, f'--out {folder}: {free / 2 ** 20:,.0f} MiB free, a checkpoint needs about '
-                          f'{need / 2 ** 20:,.0f} MiB')
+        raise OSError(f'--out {folder}: {free / 2 ** 20:,.0f} MiB free, a checkpoint needs about '
+                      f'{need / 2 ** 20:,.0f} MiB')
 
 
 def _started(pid):

@@ -219,7 +219,7 @@ part = open(part_path, 'w')
 
 def out_of_room(kind, e, tb):  # a full disk or an unwritable output mid-run: one line, not a traceback
     if issubclass(kind, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
-        print(f'[eval] error: cannot write {e.filename or out} ({e.strerror}); the batches finished before are in '
+        print(f'\n[eval] error: cannot write {e.filename or out} ({e.strerror}); the batches finished before are in '
               f'{part_path}', file=sys.stderr)
     else:
         sys.__excepthook__(kind, e, tb)
