@@ -61,13 +61,20 @@ def boxes_points(masks):
         boxes[k], points[k] = (xs.min(), ys.min(), xs.max(), ys.max()), gt_point(m)
     return boxes, points
 
+def to_rgb(im):
+    """A PIL image -> (H, W, 3) uint8, EXIF orientation applied. 16-bit grey (PNG, TIFF: modes I;16*, I) is
+    scaled to 8 bits (/257) first: PIL's convert would clip every value above 255 to white."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N'):
+        im = Image.fromarray((np.asarray(im, np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return np.asarray(im.convert('RGB'))
+
 def _image(src, where, base=''):
     """bytes, a path (relative to base) or an HF image struct {bytes, path} -> (H, W, 3) uint8, EXIF
     orientation applied as cv2.imread (LISA), labelme (ReasonSeg's annotator) and HF datasets do."""
     src = (src.get('bytes') or src.get('path')) if isinstance(src, dict) else src
     try:
-        im = Image.open(io.BytesIO(src) if isinstance(src, bytes) else os.path.join(base, src))
-        return np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
+        return to_rgb(Image.open(io.BytesIO(src) if isinstance(src, bytes) else os.path.join(base, src)))
     except Exception as e:  # noqa: BLE001 - any decoder failure (garbled EXIF too) is a corrupt image
         raise BadData(f'{where}: unreadable image ({type(e).__name__}: {e})') from None
 
@@ -91,6 +98,8 @@ def _collect(items, make, skip_bad, what):
     return out
 
 # ----------------------------------------------------------------------------- ReasonSeg (LISA)
+MAX_COORD = 10 ** 6  # polygon vertices beyond it are refused: PIL's rasteriser wraps past 2^31 (a wrong mask)
+
 def _fill(hw, pts):
     """Polygon -> (H, W) bool, rasterised by PIL like LISA's cv2 fillPoly + polylines (equal on
     axis-aligned edges): integer vertices are pixel centres and a pixel is set iff its centre is inside
@@ -106,8 +115,13 @@ def _reasonseg_item(where, stem, split):
     hw, polys = image.shape[:2], []  # polys: (is_ignore, (H, W) bool polygon)
     for j, sh in enumerate(meta.get('shapes', [])):
         label = str(sh.get('label', '')).lower()
-        pts = [(int(x), int(y)) for x, y in sh['points']]  # truncation, like LISA's int32 cast
         if label != 'flag':
+            xy = [(float(x), float(y)) for x, y in sh['points']]
+            far = next((v for v in xy if not max(map(abs, v)) <= MAX_COORD), None)  # NaN too: PIL would wrap
+            if far:
+                raise BadData(f'{where}: shapes[{j}] has the point {far}, beyond ±{MAX_COORD:,} px '
+                              f'(the image is {hw[1]}x{hw[0]})')
+            pts = [(int(x), int(y)) for x, y in xy]  # truncation, like LISA's int32 cast
             if len(pts) < 3:
                 raise BadData(f'{where}: shapes[{j}] has {len(pts)} points, a polygon needs 3')
             poly = _fill(hw, pts)
@@ -272,6 +286,12 @@ def _training_item(where, name, i, row, base):
         raise BadData(f'{where}: field solution has an inverted box (x2 < x1 or y2 < y1)')
     if len(masks) != len(sol):
         raise BadData(f'{where}: field solution_mask has {len(masks)} masks for {len(sol)} objects')
+    for k, (m, b) in enumerate(zip(masks, boxes)):  # a mask that misses its box: a misaligned row, not a target
+        ys, xs = np.nonzero(m)
+        if not len(xs):
+            raise BadData(f'{where}: field solution_mask[{k}] is empty but solution[{k}] has the box {b.tolist()}')
+        if not ((xs >= b[0] - 1) & (xs <= b[2] + 1) & (ys >= b[1] - 1) & (ys <= b[3] + 1)).any():
+            raise BadData(f'{where}: field solution_mask[{k}] has no pixel inside its box solution[{k}] {b.tolist()}')
     labels = [str(o.get('label', '')) for o in sol] if any('label' in o for o in sol) else []
     return Sample(f'{name}/{i}', image, problem, masks, boxes, points, labels)
 

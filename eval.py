@@ -13,7 +13,7 @@ An earlier eval is never overwritten: the default folder takes the next free suf
 and says so; an explicit --out that holds an eval is refused.
 Tested by: python -m pytest tests/test_eval.py tests/test_stats.py
 """
-import argparse, json, os, sys, time
+import argparse, errno, json, math, os, sys, time
 import torch
 from tqdm import tqdm
 
@@ -71,6 +71,9 @@ r.add_argument('--max-new-tokens', type=int, metavar='T',
 s = p.add_argument_group('sandbox (no --model): sandbox/stage0 + the newest runs/stage{2,1} adapter, synthetic test')
 s.add_argument('--threads', type=int, metavar='K', help=f'CPU threads (default: {inference.SANDBOX_THREADS} in the '
                'sandbox, fixed: same command, same numbers; torch\'s own with --model)')
+p.add_argument_group('limits', inference.LIMITS_HELP + f'; --limit {inference.MOST["--limit"]:,} on the synthetic '
+                   'test (built in memory)')
+p.error = lambda msg: p.exit(2, f'[eval] error: {msg} (python eval.py --help)\n')  # one line, not the usage
 args = p.parse_args()
 
 
@@ -130,8 +133,8 @@ def parse_curve(text, vote):
         sizes = {int(x) for x in text.split(',')}
     except ValueError:
         fail(f'--curve {text}: must be comma-separated whole numbers, e.g. 1,2,4,8')
-    if min(sizes) < 1:
-        fail(f'--curve {text}: vote sizes must be >= 1')
+    if min(sizes) < 1 or max(sizes) > inference.MOST['--vote']:
+        fail(f'--curve {text}: vote sizes must be >= 1 and <= {inference.MOST["--vote"]:,}')
     return sorted(sizes | {vote})
 
 
@@ -156,13 +159,7 @@ def output_folder(explicit, default):
 
 
 def writable(folder, flag):
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f'.write-test-{os.getpid()}')
-        open(probe, 'w').close()
-        os.remove(probe)
-    except OSError as e:
-        fail(f'{flag} {folder}: cannot write there ({e.strerror or e})')
+    inference.check_out('eval', folder, flag)
 
 
 # ------------------------------------------------------------------ 1. flags, nothing loaded yet
@@ -171,16 +168,19 @@ if args.compare and len(args.compare) > 2:
 if args.compare and len(args.compare) == 2:  # standalone: two finished evals, no model
     show_comparison(read_eval(args.compare[0]), read_eval(args.compare[1]), *args.compare)
     sys.exit(0)
-for flag, value, least in [('--vote', args.vote, 1), ('--limit', args.n, 1), ('--batch', args.batch, 1),
-                           ('--gen-chunk', args.gen_chunk, 1),
-                           ('--vis-n', args.vis_n, 0), ('--max-new-tokens', args.max_new_tokens, 1),
-                           ('--image-size', args.image_size, 1), ('--threads', args.threads, 1)]:
-    if value is not None and value < least:
-        fail(f'{flag} {value}: must be >= {least}')
+inference.check_ints('eval', [('--vote', args.vote, 1), ('--batch', args.batch, 1), ('--vis-n', args.vis_n, 0),
+                               ('--gen-chunk', args.gen_chunk, 1),
+                               ('--limit', args.n, 1, 10 ** 12 if args.data else inference.MOST['--limit']),
+                               ('--max-new-tokens', args.max_new_tokens, 1), ('--image-size', args.image_size, 1),
+                               ('--threads', args.threads, 1), ('--seed', args.seed, 0)])
 ns = parse_curve(args.curve, args.vote)
 N = ns[-1]  # samples drawn per query; every curve point votes on a prefix of them
-if N > 1 and (args.temperature <= 0 or not 0 < args.top_p <= 1):
-    fail(f'--temperature {args.temperature} / --top-p {args.top_p}: sampling needs temperature > 0 and 0 < top-p <= 1')
+for flag, v in (('--temperature', args.temperature), ('--top-p', args.top_p)):  # NaN / inf: garbage answers
+    if not math.isfinite(v):
+        fail(f'{flag} {v}: must be a finite number')
+if N > 1 and (not 0 < args.temperature <= 10 or not 0 < args.top_p <= 1):
+    fail(f'--temperature {args.temperature} / --top-p {args.top_p}: sampling needs 0 < temperature <= 10 and '
+         '0 < top-p <= 1')
 if args.sam is not None and not os.path.exists(args.sam):
     fail(f'--sam {args.sam}: no such file or folder')
 if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
@@ -219,6 +219,17 @@ if ddp:  # every rank writes its share next to rank 0's
 part_path = os.path.join(out, 'samples.jsonl' if world_size == 1 else f'samples.rank{rank}.jsonl')
 os.makedirs(out, exist_ok=True)  # on another node without a shared filesystem the folder is not there yet
 part = open(part_path, 'w')
+
+
+def out_of_room(kind, e, tb):  # a full disk or an unwritable output mid-run: one line, not a traceback
+    if issubclass(kind, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
+        print(f'\n[eval] error: cannot write {e.filename or out} ({e.strerror}); the batches finished before are in '
+              f'{part_path}', file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, e, tb)
+
+
+sys.excepthook = out_of_room
 
 # ------------------------------------------------------------------ 3. model, segmenter, prompt
 pol = inference.load('eval', base, adapter, meta, args.device, args.image_size, args.coord_mode, args.prompt_file,

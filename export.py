@@ -22,6 +22,7 @@ p.add_argument('--prompt-file', default=None, help='prompt template to ship (def
                'adapter, else the one its training stage used)')
 p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
                help="weights' dtype (default auto: the base checkpoint's); the merge itself sums in fp32")
+p.error = lambda msg: p.exit(2, f'[export] error: {msg} (python export.py --help)\n')  # one line, not the usage
 args = p.parse_args()
 
 
@@ -43,6 +44,12 @@ if not base:
     fail(f'--adapter {args.adapter!r} records no base model: pass --model DIR')
 if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
     fail(f'--out {args.out!r} exists and is not an empty folder')
+tmp = args.out.rstrip('/') + f'.tmp{os.getpid()}'  # written there, renamed at the end
+try:  # a read-only place or a file in the path: said now, not after the merge
+    os.makedirs(tmp)
+    os.rmdir(tmp)
+except OSError as e:
+    fail(f'--out {args.out!r}: cannot write there ({e.strerror or e})')
 beside = os.path.join(os.path.dirname(os.path.abspath(args.adapter)), 'prompt.txt')
 try:
     if args.prompt_file:
@@ -54,6 +61,8 @@ try:
     M.build_prompt('x', template)
     dtype = args.dtype if args.dtype == 'auto' else getattr(torch, args.dtype)
     net, _ = M.load_policy(base, dtype=dtype, adapter=args.adapter)  # refuses a base/adapter mismatch
+except UnicodeDecodeError as e:  # a prompt file that is not text: name it
+    fail(f'{args.prompt_file or (beside if os.path.isfile(beside) else base + "/prompt.txt")}: not UTF-8 text ({e})')
 except (OSError, ValueError, RuntimeError) as e:
     fail(e)
 
@@ -67,7 +76,6 @@ if leftover:
     fail(f'unwrapping left adapter keys behind, e.g. {leftover[0]}')
 
 # Written into a temporary folder and renamed at the end: a crash never leaves a half checkpoint.
-tmp = args.out.rstrip('/') + f'.tmp{os.getpid()}'
 try:
     net.save_pretrained(tmp)  # config.json, generation_config.json, weights
     AutoProcessor.from_pretrained(base).save_pretrained(tmp)  # as stored in the base (not our left padding)
@@ -81,7 +89,9 @@ try:
     if os.path.isdir(args.out):
         os.rmdir(args.out)  # empty, checked above
     os.replace(tmp, args.out)
-except BaseException:
+except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):  # a disk full mid-save: one line, nothing left behind
+        fail(f'--out {args.out!r}: cannot write the checkpoint ({e.strerror or e}); nothing was left behind')
     raise
 print(f'[export] merged {merged} LoRA layers (r={meta["r"]}, alpha={meta["alpha"]}) into {base} -> {args.out}')

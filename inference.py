@@ -17,6 +17,35 @@ SANDBOX_BASE, SANDBOX_THREADS, SANDBOX_NEW_TOKENS = 'sandbox/stage0', 1, 160
 # tokens is ~0.17 GB (28 layers x 4 KV heads x 128 x 2 x bf16 per token), so 64 rows take ~11 GB beside 15 GB of
 # weights on an 80 GB GPU, where eval.py --vote 32 --batch 8 in one call (256 rows) would not fit.
 GEN_CHUNK = 64
+# The most an integer flag of eval.py / predict.py may ask (--help says it): past it a value cannot fit a machine.
+MOST = {'--vote': 1024, '--batch': 4096, '--max-new-tokens': 32768, '--image-size': 3584, '--threads': 1024,
+        '--seed': 2 ** 32 - 1, '--vis-n': 10 ** 6, '--limit': 10 ** 4,
+        '--gen-chunk': 1 << 16}  # --limit: the synthetic test is built in memory
+LIMITS_HELP = 'integer flags are at most: ' + '; '.join(f'{k} {v:,}' for k, v in MOST.items() if k != '--limit')
+
+
+def check_ints(tool, values):
+    """[(flag, value or None, least[, most])] -> the first value outside [least, most (default MOST[flag])]
+    is one line and an exit."""
+    for flag, value, least, *most in values:
+        most = most[0] if most else MOST[flag]
+        if value is not None and not least <= value <= most:
+            fail(tool, f'{flag} {value}: must be ' + (f'>= {least}' if value < least else f'<= {most:,}'))
+
+
+def check_out(tool, folder, flag='--out'):
+    """An output folder of eval.py / predict.py: never inside a training run (its trainer owns that folder),
+    and writable (created now, a file written and removed): one line before any model loads."""
+    run = checkpoint.run_folder(folder)
+    if run:
+        fail(tool, f'{flag} {folder}: inside the training run {run} ({tool}.py never writes into a training folder)')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f'.write-test-{os.getpid()}')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        fail(tool, f'{flag} {folder}: cannot write there ({e.strerror or e})')
 
 
 def fail(tool, msg):
@@ -30,9 +59,9 @@ def resolve(model, adapter, tool='eval'):
     the base its metadata names, else sandbox/stage0."""
     if model is None and adapter is None:
         for k in (2, 1):
-            path = f'runs/stage{k}/last/adapter.safetensors'
-            if checkpoint.recover(f'runs/stage{k}/last') and os.path.isfile(path):  # repairs a half-saved one
-                adapter = path
+            found = checkpoint.find(f'runs/stage{k}/last')  # read only: a save in progress is left alone
+            if found and os.path.isfile(os.path.join(found, 'adapter.safetensors')):
+                adapter = os.path.join(found, 'adapter.safetensors')
                 break
             if os.path.isdir(f'runs/stage{k}'):
                 print(f'[{tool}] note: runs/stage{k} has no last/adapter.safetensors (stage not finished?)')

@@ -11,10 +11,11 @@ Tested by: python -m pytest tests/test_predict.py
 import argparse, json, os
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 import data, pipeline, vis
-from inference import GEN_CHUNK, SANDBOX_NEW_TOKENS, SANDBOX_THREADS, combine, fail, load, resolve
+from inference import (GEN_CHUNK, LIMITS_HELP, SANDBOX_NEW_TOKENS, SANDBOX_THREADS, check_ints, check_out, combine,
+                       fail, load, resolve)
 
 
 def main():
@@ -48,19 +49,23 @@ def main():
     s = p.add_argument_group('sandbox (no --model): sandbox/stage0 + the newest runs/stage{2,1} adapter, colour '
                              'segmenter (flat-coloured images)')
     s.add_argument('--threads', type=int, metavar='K', help=f'CPU threads (default: {SANDBOX_THREADS} in the sandbox)')
+    p.add_argument_group('limits', LIMITS_HELP)
+    p.error = lambda msg: p.exit(2, f'[predict] error: {msg} (python predict.py --help)\n')  # one line, no usage
     args = p.parse_args()
-    for flag, value in [('--vote', args.vote), ('--max-new-tokens', args.max_new_tokens),
-                        ('--image-size', args.image_size), ('--threads', args.threads), ('--gen-chunk', args.gen_chunk)]:
-        if value is not None and value < 1:
-            fail('predict', f'{flag} {value}: must be >= 1')
+    check_ints('predict', [('--vote', args.vote, 1), ('--max-new-tokens', args.max_new_tokens, 1),
+                           ('--image-size', args.image_size, 1), ('--threads', args.threads, 1),
+                           ('--seed', args.seed, 0), ('--gen-chunk', args.gen_chunk, 1)])
+    if not args.query.strip():
+        fail('predict', f'--query {args.query!r}: empty; ask for something, e.g. --query "something to sit on"')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail('predict', f'--out {args.out}: is a file, not a folder')
+    check_out('predict', args.out)  # not a training folder, writable: before the work, not after it
     if args.sam is not None and not os.path.exists(args.sam):
         fail('predict', f'--sam {args.sam}: no such file or folder')
     if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
         fail('predict', f'--prompt-file {args.prompt_file}: no such file')
     try:  # read the image before loading any model
-        image = np.asarray(ImageOps.exif_transpose(Image.open(args.image)).convert('RGB'))
+        image = data.to_rgb(Image.open(args.image))  # 16-bit grey scaled to 8 bits
     except Exception as e:  # noqa: BLE001
         fail('predict', f'--image {args.image}: unreadable ({type(e).__name__}: {e})')
     base, adapter, meta = resolve(args.model, args.adapter, 'predict')

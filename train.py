@@ -9,7 +9,7 @@
   torchrun --nproc_per_node 8 train.py --stage 1 --model Qwen2.5-VL-7B --sam sam_vit_h.pth --data stage1.parquet
 Tested by: python -m pytest tests/test_train.py
 """
-import argparse, json, os, sys, time
+import argparse, json, math, os, signal, sys, time
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -81,6 +81,19 @@ a.add_argument('--guess-frac', type=float, default=0.25,
 a.add_argument('--fact-frac', type=float, default=0.25, help='stage 0: share of bare-cue facts ("grass" -> "green")')
 a.add_argument('--vision-steps', type=int, default=0, help='stage 0: first train the tower on colour + shape heads')
 a.add_argument('--attr-coef', type=float, default=0.0, help='stage 0: weight of that loss beside the language loss')
+# Flag ranges, checked before anything loads (check_args): past them a value is a typo, or cannot fit a machine.
+LIMITS = dict(steps=10 ** 7, save_every=10 ** 7, eval_every=10 ** 7, warmup=10 ** 7, vision_steps=10 ** 7,
+              batch=4096, group=4096, rollouts=4096, micro_batch=4096, gen_chunk=4096, eval_n=4096, lora_r=1024,
+              threads=1024, max_new_tokens=32768, image_size=3584, seed=2 ** 32 - 1)  # integers: the most
+RANGES = dict(lr=(0, 1), wd=(0, 1), clip_eps=(0, 1), kl_coef=(0, 10), entropy_coef=(0, 10), attr_coef=(0, 100),
+              lora_alpha=(0, 65536), temperature=(0, 10), top_p=(0, 1), guess_frac=(0, 1), fact_frac=(0, 1))  # floats
+ABOVE = ('lr', 'lora_alpha', 'temperature', 'top_p')  # must exceed their low end; the others may equal it
+bounds = {}
+for k, v in LIMITS.items():
+    bounds.setdefault(v, []).append('--' + k.replace('_', '-'))
+p.add_argument_group('limits', 'integer flags are at most: ' + '; '.join(f'{", ".join(f)} {v:,}' for v, f in
+                                                                         bounds.items()) + '; --seed >= 0')
+p.error = lambda msg: p.exit(2, f'[train] error: {msg} (python train.py --help)\n')  # one line, not the usage
 args = p.parse_args()
 config = vars(args)
 
@@ -107,16 +120,19 @@ families = tuple(args.families.split(',')) if args.families else target_families
 
 def check_args():
     """Every flag that can be checked before any work, each error one line naming the flag."""
-    positive = dict(steps=args.steps, batch=args.batch, lora_r=args.lora_r, save_every=args.save_every,
-                    micro_batch=args.micro_batch, max_new_tokens=args.max_new_tokens, eval_n=args.eval_n,
-                    group=args.group, rollouts=args.rollouts, gen_chunk=args.gen_chunk, threads=args.threads)
-    bad = [f'--{k.replace("_", "-")} {v}: must be >= 1' for k, v in positive.items() if v is not None and v < 1]
-    bad += [f'--{k} {v}: must be > 0' for k, v in (('lr', args.lr), ('temperature', args.temperature),
-                                                   ('lora-alpha', args.lora_alpha)) if v is not None and not v > 0]
-    bad += [f'--top-p {args.top_p}: must be in (0, 1]'] if not 0 < args.top_p <= 1 else []
-    bad += [f'--{k} {v}: must be >= 0' for k, v in (('eval-every', args.eval_every), ('kl-coef', args.kl_coef),
-                                                    ('clip-eps', args.clip_eps), ('wd', args.wd),
-                                                    ('entropy-coef', args.entropy_coef)) if v < 0]
+    flag, bad = lambda k: '--' + k.replace('_', '-'), []  # noqa: E731
+    for k, hi in LIMITS.items():  # integers: counts are >= 1
+        v, lo = config.get(k), 0 if k in ('eval_every', 'vision_steps', 'seed') else 1
+        if v is not None and not lo <= v <= hi:
+            bad.append(f'{flag(k)} {v}: must be ' + (f'>= {lo}' if v < lo else f'<= {hi:,}'))
+    for k, (lo, hi) in RANGES.items():  # floats: finite and in range (NaN compares false with everything)
+        v = config[k]
+        why = None if v is None else 'a finite number' if not math.isfinite(v) else \
+            f'> {lo}' if k in ABOVE and v <= lo else f'>= {lo}' if v < lo else f'<= {hi}' if v > hi else None
+        if why:
+            bad.append(f'{flag(k)} {v}: must be {why}')
+    if args.guess_frac + args.fact_frac > 1:
+        bad.append(f'--guess-frac {args.guess_frac} + --fact-frac {args.fact_frac}: must be at most 1 together')
     if args.stage > 0 and args.rollouts < args.group:
         bad.append(f'--rollouts {args.rollouts} < --group {args.group}: REST samples N >= the G it keeps')
     if set(families) - set(world.FAMILIES):
@@ -133,8 +149,12 @@ def check_args():
 
 def log(record):
     if rank == 0:
-        with open(os.path.join(args.out, 'log.jsonl'), 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(os.path.join(args.out, 'log.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:  # disk full, unwritable: one line; the last checkpoint stays as it was
+            sys.exit(f'[train] error: cannot append to {args.out}/log.jsonl ({e.strerror or e}); last checkpoint: '
+                     f'{ckpt}')
 
 
 def run_earlier(stage):
@@ -150,8 +170,19 @@ torch.manual_seed(args.seed)
 np.random.seed(args.seed)
 if args.threads:
     torch.set_num_threads(args.threads)
-os.makedirs(args.out, exist_ok=True)
 ckpt = os.path.join(args.out, 'last')
+try:  # before anything loads: a folder this run may write, one run per --out, a checkpoint it can continue
+    os.makedirs(args.out, exist_ok=True)
+    if rank == 0:
+        checkpoint.lock(args.out)
+    checkpoint.check_folder(ckpt)
+    if args.resume:  # the image side a flag left out is settled by the processor; --init-adapter by stage 1
+        checkpoint.check_config(ckpt, config, skip=(() if size_given else ('image_size',)) +
+                                (('init_adapter',) if args.init_adapter is None else ()))
+except OSError as e:  # read-only, a file in the path
+    sys.exit(f'[train] error: --out {args.out}: cannot write there ({e.strerror or e})')
+except (ValueError, RuntimeError) as e:
+    sys.exit(f'[train] error: {e}')
 if rank == 0:
     print(f'[train] ===== stage {args.stage} ({args.preset} preset) -> {args.out} =====')
 
@@ -168,11 +199,12 @@ if args.stage == 2 and args.init_adapter is None:
     if args.model:
         sys.exit('[train] error: --stage 2 with --model needs --init-adapter FILE (the stage-1 adapter.safetensors; '
                  'none when --model is a fully tuned stage-1 checkpoint)')
-    if not checkpoint.recover('runs/stage1/last') and rank == 0:
+    if not checkpoint.find('runs/stage1/last') and rank == 0:  # read only: stage 1's folder is another run's
         run_earlier(1)
-    if os.path.isfile(os.path.join('runs/stage1/last', update.META_FILE)):  # stage 1 tuned fully: go on from it
-        base, args.init_adapter = 'runs/stage1/last', 'none'
-    args.init_adapter = args.init_adapter or 'runs/stage1/last/adapter.safetensors'
+    stage1 = checkpoint.find('runs/stage1/last') or 'runs/stage1/last'
+    if os.path.isfile(os.path.join(stage1, update.META_FILE)):  # stage 1 tuned fully: go on from it
+        base, args.init_adapter = stage1, 'none'
+    args.init_adapter = args.init_adapter or os.path.join(stage1, 'adapter.safetensors')
 resumed = checkpoint.prepare(ckpt, args.resume, rank)  # rank 0 repairs a half-done save, then all ranks look
 try:  # data, paths and adapters first; each problem ends in one line, not a traceback
     train_set = data.load_dataset(args.data, args.skip_bad) if args.data else None
@@ -195,11 +227,14 @@ try:  # data, paths and adapters first; each problem ends in one line, not a tra
     if str(args.device).startswith('cuda'):
         lora.enable_checkpointing(net)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
+    # a save writes the new checkpoint beside the last one: a disk too small is said now, not at the first save
+    checkpoint.check_space(args.out, sum(q.numel() * q.element_size() for q in (
+        params if args.tuning == 'lora' else net.parameters())) + 2 * sum(q.numel() * 4 for q in params))  # + Adam
     start = 0
     if args.resume and resumed:
         start = checkpoint.restore(ckpt, opt, lr=args.lr)[0]
-        if rank == 0:  # the steps after the checkpoint are rerun: their old records go
-            checkpoint.truncate_log(os.path.join(args.out, 'log.jsonl'), start)
+    if rank == 0:  # the steps after the checkpoint are rerun (all of them from step 0): their old records go
+        checkpoint.truncate_log(os.path.join(args.out, 'log.jsonl'), start)
 except (OSError, ValueError, RuntimeError) as e:
     sys.exit(f'[train] error: {e}')
 val = [] if args.data else world.dataset('val', args.eval_n, families=target_families)  # real data: eval.py
@@ -228,10 +263,22 @@ def save(step):  # --shard: called by every rank (the adapter and optimizer stat
     return step
 
 
+def save_or_stop(step):  # disk full, unwritable: one line, and the last checkpoint stays as it was
+    try:
+        return save(step)
+    except OSError as e:
+        sys.exit(f'[train] error: saving step {step}: {e.strerror or e}' + (f' ({e.filename})' if e.filename else ''))
+
+
+def stop(signum, frame):  # SIGTERM (what SLURM and Kubernetes send before preemption) is handled like Ctrl-C
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 if args.eval_every and start == 0 and (rank == 0 or args.shard) and val:  # the start of the held-out curve
     log(dict(step=0, val_giou=pipeline.heldout_giou(net, proc, seg, val, template, args.image_size, coord_mode,
                                                     args.max_new_tokens)[0]))
 net.train()
+signal.signal(signal.SIGTERM, stop)
 done = saved = start  # steps finished, steps in the last checkpoint
 try:
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f'stage {args.stage}',
@@ -268,6 +315,12 @@ try:
             sys.exit(f'[train] non-finite loss/gradient at step {step + 1}: stopped on every rank; '
                      f'last good checkpoint: {ckpt}')
         opt.step()
+        # an update that left a weight NaN / inf (which the checks above cannot see) stops every rank before
+        # anything is saved: the last checkpoint stays the last good one
+        bad = torch.stack([~torch.isfinite(q.to_local() if parallel.is_sharded(q) else q).all() for q in params]).any()
+        if parallel.all_reduce(torch.tensor(float(bad), device=args.device), args.device, op='max').item():
+            sys.exit(f'[train] non-finite weights after step {step + 1}: stopped on every rank before saving; '
+                     f'last good checkpoint: {ckpt} (step {saved})')
         # 6. log (rollout numbers over all ranks; REST stats are rank 0's share)
         comps = [dict(c, total=r) for part in parallel.gather_objects([x for g in scored for x in g])
                  for r, c in part]
@@ -291,11 +344,15 @@ try:
         log(record)
         done = step + 1
         if (rank == 0 or args.shard) and (done % args.save_every == 0 or done == args.steps):
-            saved = save(done)
-except KeyboardInterrupt:  # keep the finished steps: save them, say how to continue
+            saved = save_or_stop(done)
+except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: keep the finished steps, save them, say how to continue
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a repeated SIGTERM does not cut the save short
+    why = str(e) or 'SIGINT'
     if (rank == 0 or args.shard) and done > saved:
-        saved = save(done)
+        saved = save_or_stop(done)
     again = ' '.join(['python', *sys.argv] + ([] if args.resume else ['--resume']))
-    sys.exit(f'\n[train] interrupted after step {done}: checkpoint {ckpt} holds step {saved}; continue with: {again}')
+    print(f'\n[train] {why}: interrupted after step {done}: checkpoint {ckpt} holds step {saved}; continue with: '
+          f'{again}', file=sys.stderr)
+    sys.exit(128 + getattr(signal, why, signal.SIGINT))
 if rank == 0:
     print(f'[train] stage {args.stage} done: {ckpt}')

@@ -65,6 +65,7 @@ def run(args, config, ckpt, log, prompt):
     groups = [{'params': list(net.parameters())}] + ([{'params': list(head.parameters())}] if args.attr_coef else [])
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     start = checkpoint.restore(ckpt, opt, lr=None)[0] if resume else 0
+    checkpoint.truncate_log(os.path.join(args.out, 'log.jsonl'), start)  # one record per step, as train.py
     def save_weights(d):  # the attribute head only when it trains beside the LM (resume needs it)
         net.save_pretrained(d), proc.save_pretrained(d)
         if args.attr_coef:

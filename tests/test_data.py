@@ -230,7 +230,11 @@ def test_stage1_rows(tmp_path):
     ('solution', json.dumps([{'bbox_2d': [3, 2, float('nan'), 4], 'point_2d': [5, 3]}] * 2),
      'field solution has a NaN or infinite'),
     ('solution', json.dumps([{'bbox_2d': [8, 2, 3, 4], 'point_2d': [5, 3]}] * 2),
-     'field solution has an inverted box')])
+     'field solution has an inverted box'),
+    ('solution_mask', [MA.tolist(), np.zeros((16, 16), bool).tolist()],  # a box, but no pixel: not "no target"
+     r'field solution_mask\[1\] is empty but solution\[1\] has the box \[10.0, 10.0, 11.0, 14.0\]'),
+    ('solution_mask', [MB.tolist(), MA.tolist()],  # masks in another order than the objects
+     r'field solution_mask\[0\] has no pixel inside its box solution\[0\]')])
 def test_stage1_corrupt_row(tmp_path, col, value, match):
     path = two_rows_second_bad(tmp_path, stage1_rows(rgb(16, 16, 3)), col, value)
     with pytest.raises(data.BadData, match=r'bad\.parquet: row 1: ' + match):
@@ -285,3 +289,25 @@ def test_dispatch_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'pyarrow', None)  # as if pyarrow were not installed
     with pytest.raises(ImportError, match='pip install pyarrow'):
         data.load_hf(str(tmp_path / 'other.parquet'))
+
+
+# ----------------------------------------------------------------------------- faults: depth, bounds
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    """PIL's convert('RGB') clips a 16-bit grey image to white above 255; it is scaled by 257 instead."""
+    grey = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257  # 8-bit values 0..255, stored in 16 bits
+    Image.fromarray(grey).save(tmp_path / 'deep.png')
+    assert Image.open(tmp_path / 'deep.png').mode.startswith('I')  # really stored as 16-bit
+    im = data._image(str(tmp_path / 'deep.png'), 'x')
+    expected = (grey // 257).astype(np.uint8)
+    assert im.dtype == np.uint8 and (im == expected[..., None]).all()
+
+
+def test_polygon_coordinates_are_bounded_before_rasterising(tmp_path):
+    folder = tmp_path / 'val'
+    write_lisa(folder, 'far', 8, 8, [('target', [[1, 1], [2 ** 31, 1], [1, 6]])])  # PIL would wrap past 2^31
+    with pytest.raises(data.BadData, match=r"far\.json: shapes\[0\] has the point \(2147483648\.0, 1\.0\), "
+                                           r"beyond ±1,000,000 px \(the image is 8x8\)"):
+        data.load_dataset(str(folder))
+    write_lisa(folder, 'far', 8, 8, [('target', [[1, 1], [10 ** 6, 1], [1, 6]])])  # at the bound: rasterised
+    s, = data.load_dataset(str(folder))
+    assert s.masks[0][1:7, 1].all() and s.masks[0][1, :].sum() == 7  # clipped to the image, as LISA's fillPoly

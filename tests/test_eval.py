@@ -277,3 +277,34 @@ def test_end_to_end_greedy_vote_compare_and_two_processes(tiny, tmp_path):
     s1.pop('seconds'), s2.pop('seconds')
     assert s2 == s1 and r2 == r1  # same batches, same greedy answers, same sums, one samples.jsonl
     assert sorted(os.listdir(tmp_path / 'g2')) == ['samples.jsonl', 'summary.json', 'vis']
+
+
+# ------------------------------------------------------------------ faults: limits, training folders, a full disk
+def test_floats_limits_and_training_folders_are_one_line_before_any_model(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / 'stage1'
+    os.makedirs(run_dir / 'last')
+    open(run_dir / 'last' / 'trainer.pt', 'w').close()  # a complete checkpoint marks a training run
+    out = ['--out', tmp_path / 'o']
+    for argv, words in [(['--temperature', 'nan'], '--temperature nan: must be a finite number'),
+                        (['--top-p', 'inf'], '--top-p inf'), (['--vote', 4, '--temperature', 1e6], 'temperature <= 10'),
+                        (['--vote', 10 ** 12], '--vote 1000000000000: must be <= 1,024'),
+                        (['--curve', '1,2,4096'], '<= 1,024'), (['--limit', 10 ** 12], 'must be <= 10,000'),
+                        (['--batch', 10 ** 12], '--batch 1000000000000'), (['--seed', -1], '--seed -1'),
+                        (['--out', run_dir], f'inside the training run {run_dir}'),
+                        (['--out', run_dir / 'last' / 'eval'], f'inside the training run {run_dir}'),
+                        (['--save-vis', run_dir / 'vis'], f'--save-vis {run_dir / "vis"}: inside the training run')]:
+        assert words in probe(out + argv, monkeypatch)
+    monkeypatch.setattr(sys, 'argv', ['eval.py', '--limit', '1e12'])
+    with pytest.raises(SystemExit):  # argparse's own errors are one line too, not the usage
+        runpy.run_path(os.path.join(ROOT, 'eval.py'), run_name='__main__')
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("[eval] error: argument --limit/--n: invalid int value: '1e12'") and '\n' not in err
+
+
+def test_a_full_disk_is_one_line(tiny, tmp_path):
+    """samples.jsonl cannot be written (ENOSPC, tests/disk_full.py): one line naming it, no traceback."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'DISK_FULL': 'samples.jsonl', 'PYTHONPATH': ROOT}
+    r = subprocess.run([sys.executable, 'tests/disk_full.py', 'eval.py', *map(str, common(tiny, tmp_path / 'o', 2)),
+                        '--vis-n', '0'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith('[eval] error: cannot write') and 'No space left' in r.stderr

@@ -3,7 +3,7 @@ project code), gives the logits and greedy tokens of base + adapter as the proje
 base's exact parameter names, ships the training prompt, and bad input is refused in one line.
 Run: python -m pytest -q tests/test_export.py
 """
-import json, os, subprocess, sys
+import json, os, shutil, subprocess, sys
 import numpy as np
 import pytest
 import torch
@@ -123,3 +123,20 @@ def test_bad_input_is_refused_in_one_line(setup, tmp_path):
         assert last.startswith('[export] error:') and says in last and 'Traceback' not in p.stderr, p.stderr
     assert not any((tmp_path / o).exists() for o in ('o1', 'o2', 'o3'))
     assert os.listdir(busy) == ['x']
+
+
+def test_unwritable_out_and_undecodable_prompt_are_one_line_before_the_merge(setup, tmp_path):
+    """A file in --out's path is said before the model loads (it used to be a traceback after the merge);
+    a prompt.txt beside the adapter that is not text names that file."""
+    (tmp_path / 'file').write_text('x')
+    p = export('--adapter', setup['adapter'], '--out', tmp_path / 'file' / 'merged', ok=False)
+    assert p.stderr.strip() == f"[export] error: --out '{tmp_path / 'file' / 'merged'}': cannot write there (Not a " \
+                               "directory)" and 'Loading' not in p.stderr  # no model loaded
+    ckpt = tmp_path / 'ckpt'
+    ckpt.mkdir()
+    shutil.copy(setup['adapter'], ckpt / 'adapter.safetensors')
+    (ckpt / 'prompt.txt').write_bytes(b'\xff\xfe find: {question}')
+    p = export('--adapter', ckpt / 'adapter.safetensors', '--out', tmp_path / 'o', ok=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"[export] error: {ckpt / 'prompt.txt'}: not UTF-8 text") and 'Traceback' not in p.stderr
+    assert not (tmp_path / 'o').exists()

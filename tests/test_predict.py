@@ -71,6 +71,50 @@ def test_predict_bad_input_is_one_line_before_any_model(tiny, scene, tmp_path, m
         assert str(e.value.code).startswith('[predict] error: ') and words in str(e.value.code)
 
 
+def test_predict_refuses_an_empty_query_big_numbers_and_outputs_it_must_not_write(tiny, scene, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """One line, before any model: an empty query, a flag past its limit, an --out inside a training run (a
+    reader never writes there) or under a file (not writable: said before the work, not after it)."""
+    monkeypatch.setattr(M, 'load_policy', lambda *a, **k: pytest.fail('a model loaded before validation'))
+    _, image = scene
+    run_dir = tmp_path / 'runs' / 'stage1'
+    os.makedirs(run_dir)
+    (run_dir / 'train.lock').write_text('{}')
+    open(tmp_path / 'file', 'w').close()
+    for argv, words in [(['--query', ''], "--query '': empty"), (['--query', '  '], "--query '  ': empty"),
+                        (['--vote', 10 ** 12], '--vote 1000000000000: must be <= 1,024'),
+                        (['--seed', -1], '--seed -1: must be >= 0'),
+                        (['--max-new-tokens', 10 ** 12], '--max-new-tokens 1000000000000: must be <= 32,768'),
+                        (['--out', run_dir / 'pred'], f'inside the training run {run_dir}'),
+                        (['--out', tmp_path / 'file' / 'sub'], 'cannot write there')]:
+        with pytest.raises(SystemExit) as e:
+            run_main(monkeypatch, ['--image', image, '--query', 'q', '--out', tmp_path / 'o'] + argv)
+        msg = str(e.value.code)
+        assert msg.startswith('[predict] error: ') and words in msg and '\n' not in msg, msg
+    with pytest.raises(SystemExit):  # argparse's own errors are one line too, not the usage
+        run_main(monkeypatch, ['--image', image, '--query', 'q', '--vote', '1e12'])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("[predict] error: argument --vote: invalid int value: '1e12'") and '\n' not in err
+
+
+def test_readers_find_a_save_in_progress_without_repairing_it(tmp_path, monkeypatch):
+    """A trainer killed between the renames of its save leaves last.old and last.tmp; eval / predict read the
+    newer one where it is and rename nothing (the trainer's own resume repairs it)."""
+    import checkpoint, inference, lora
+    net, _ = M.load_policy(inference.SANDBOX_BASE)
+    lora.apply_lora(net, r=2, alpha=4)
+    monkeypatch.chdir(tmp_path)
+    for name in ('last.tmp', 'last.old'):
+        os.makedirs(f'runs/stage1/{name}')
+        lora.save_lora(net, f'runs/stage1/{name}/adapter.safetensors', dict(base=os.path.join(ROOT, 'sandbox/stage0')))
+        open(f'runs/stage1/{name}/trainer.pt', 'w').close()
+    before = sorted(os.listdir('runs/stage1'))
+    base, adapter, meta = inference.resolve(None, None, 'eval')
+    assert adapter == os.path.join('runs/stage1/last.tmp', 'adapter.safetensors')
+    assert sorted(os.listdir('runs/stage1')) == before == ['last.old', 'last.tmp']
+    assert checkpoint.find('runs/stage1/last') == 'runs/stage1/last.tmp'
+
+
 def test_predict_with_no_flags_runs_the_sandbox_model_on_any_image(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 150, 3), np.uint8)).save(tmp_path / 'noise.jpg')
     r = subprocess.run([sys.executable, 'predict.py', '--image', tmp_path / 'noise.jpg', '--query', 'the red circle',

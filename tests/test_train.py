@@ -3,7 +3,7 @@
 Stages 1-2 start from the shipped sandbox base (sandbox/stage0), so rollouts have varied rewards.
 Run: python -m pytest tests/test_train.py
 """
-import ast, json, os, shutil, signal, subprocess, sys, time
+import ast, errno, json, os, runpy, shutil, signal, subprocess, sys, time, types
 import pytest
 import torch
 
@@ -19,10 +19,10 @@ RL = ['--model', BASE, '--preset', 'sandbox', '--batch', '2', '--group', '4', '-
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false', 'PYTHONPATH': ROOT}
 
 
-def run(*args, torchrun=False, ok=True, script=('train.py',)):
+def run(*args, torchrun=False, ok=True, script=('train.py',), env=None):
     cmd = [sys.executable] + (['-m', 'torch.distributed.run', '--nproc_per_node', '2'] if torchrun else [])
-    p = subprocess.run(cmd + [os.path.join(ROOT, s) for s in script] + [*map(str, args)], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd + [os.path.join(ROOT, s) for s in script] + [*map(str, args)], cwd=ROOT,
+                       env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300)
     assert (p.returncode == 0) == ok, p.stdout[-2000:] + p.stderr[-3000:]
     return p
 
@@ -149,11 +149,13 @@ def test_collectives_only_see_device_tensors():
             and any(k.arg == 'device' for k in arg.keywords), ast.unparse(call)
 
 
-def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+@pytest.mark.parametrize('fault, words', [('loss', 'non-finite loss/gradient at step 1'),
+                                          ('weights', 'non-finite weights after step 1')])
+def test_non_finite_loss_or_weights_on_one_rank_stops_every_rank(tmp_path, fault, words):
     t = time.time()
     p = run('train.py', '--stage', 1, *RL, '--batch', 1, '--steps', 2, '--out', str(tmp_path), torchrun=True, ok=False,
-            script=('tests/nan_on_rank1.py',))
-    assert 'non-finite loss/gradient at step 1' in p.stderr and time.time() - t < 240  # no hang to a timeout
+            script=('tests/nan_on_rank1.py',), env=dict(FAULT=fault))
+    assert p.stderr.count(words) == 2 and time.time() - t < 240  # both ranks say it; no hang to a timeout
     assert not os.path.exists(os.path.join(tmp_path, 'last'))
 
 
@@ -266,3 +268,196 @@ def test_token_mean_counts_every_kept_rollout(kl, tmp_path, monkeypatch):
     forwarded = int(kept[0].mask[[0, 2]].sum()) if kl == 0 else all_kept  # rewards 1 and 3: advantage != 0
     assert sum(seen) == forwarded and len(seen) == (2 if kl == 0 else 6)
     assert records(str(tmp_path))[0]['loss'] == pytest.approx(forwarded / all_kept, rel=1e-6)
+
+
+# ------------------------------------------------------------------ faults: signals, one run per --out, resume checks
+def popen_train(*args):
+    """train.py in the background, SIGINT at its default (see the Ctrl-C test); -> the process."""
+    return subprocess.Popen([sys.executable, 'train.py', *map(str, args)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for_a_record(proc, out):
+    log = os.path.join(out, 'log.jsonl')
+    while not (os.path.isfile(log) and open(log).read().count('\n') >= 1):
+        time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+
+
+def same_run(a, b):
+    """Two runs' records (times aside) and adapters are equal."""
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith('t_')}  # noqa: E731
+    assert [drop(r) for r in records(a)] == [drop(r) for r in records(b)]
+    x, y = adapter(a), adapter(b)
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_sigterm_saves_and_resumes_to_the_uninterrupted_run(two_steps, tmp_path):
+    """SLURM and Kubernetes send SIGTERM before preemption: the finished steps are saved, the run says how to
+    continue (exit 143), and continuing gives the run that was never stopped."""
+    out = str(tmp_path / 'run')
+    proc = popen_train('--stage', 1, *RL, '--steps', 5000, '--save-every', 1000, '--out', out)
+    wait_for_a_record(proc, out)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()  # only if the signal was lost
+    assert proc.returncode == 128 + signal.SIGTERM and 'Traceback' not in err, err[-3000:]
+    assert 'SIGTERM: interrupted after step' in err and '--resume' in err.strip().splitlines()[-1]
+    done = lora.read_lora(os.path.join(out, 'last', 'adapter.safetensors'))[1]['step']
+    assert done >= 1 and not os.path.exists(os.path.join(out, 'train.lock'))
+    ref = two_steps
+    if done != 1:  # the signal landed after step 2: compare with a run of done + 1 steps
+        ref = str(tmp_path / 'ref')
+        run('--stage', 1, *RL, '--steps', done + 1, '--out', ref)
+    run('--stage', 1, *RL, '--steps', done + 1, '--out', out, '--resume')  # --steps may change on resume
+    same_run(out, ref)
+
+
+def test_one_run_per_out_and_a_kill_before_the_first_checkpoint(two_steps, tmp_path):
+    """A second trainer on a busy --out is refused, naming the holder. A run killed (-9) before its first
+    checkpoint leaves a stale lock and log records: the next run takes the lock over and its log holds each
+    step once, equal to a run that was never killed."""
+    out = str(tmp_path / 'run')
+    first = popen_train('--stage', 1, *RL, '--steps', 5000, '--save-every', 1000, '--out', out)
+    try:
+        wait_for_a_record(first, out)
+        p = run('--stage', 1, *RL, '--steps', 1, '--out', out, ok=False)
+        assert f'in use by another training run (PID {first.pid}' in p.stderr and 'Traceback' not in p.stderr
+    finally:
+        first.kill()  # SIGKILL: no save, no clean-up
+        first.communicate()
+    assert not os.path.exists(os.path.join(out, 'last')) and records(out)
+    p = run('--stage', 1, *RL, '--steps', 2, '--save-every', 1, '--out', out)
+    assert f'taking over the lock of a run that is gone (PID {first.pid}' in p.stdout
+    assert 'that saved no checkpoint removed' in p.stdout
+    same_run(out, two_steps)
+    assert not os.path.exists(os.path.join(out, 'train.lock'))  # removed at exit
+
+
+def train_here(monkeypatch, capsys, *argv, model_may_load=False):
+    """train.py in this process -> its one-line error (SystemExit). Fails if a model loads first (unless allowed)."""
+    if not model_may_load:
+        for name in ('load_model', 'load_processor', 'load_policy'):
+            monkeypatch.setattr(M, name, lambda *a, **k: pytest.fail('a model loaded before the check'))
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['train.py', *map(str, argv)])
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip()
+    assert msg.startswith('[train] error: ') and '\n' not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize('flags, words', [
+    (['--lr', 'inf'], '--lr inf: must be a finite number'), (['--wd', 'inf'], '--wd inf: must be a finite'),
+    (['--lora-alpha', 'inf'], '--lora-alpha inf'), (['--temperature', 'nan'], '--temperature nan: must be a finite'),
+    (['--kl-coef', 'nan'], '--kl-coef nan'), (['--lr', 2], '--lr 2.0: must be <= 1'),
+    (['--seed', -1], '--seed -1: must be >= 0'), (['--seed', 2 ** 70], 'must be <= 4,294,967,295'),
+    (['--threads', '1e12'], "--threads: invalid int value: '1e12'"), (['--threads', 10 ** 12], 'must be <= 1,024'),
+    (['--max-new-tokens', 10 ** 12], '--max-new-tokens 1000000000000: must be <= 32,768'),
+    (['--batch', 10 ** 12], '--batch 1000000000000'), (['--rollouts', 10 ** 12], '--rollouts 1000000000000'),
+    (['--eval-n', 10 ** 12], '--eval-n 1000000000000'), (['--stage', 0, '--guess-frac', 'nan'], '--guess-frac nan'),
+    (['--stage', 0, '--guess-frac', 0.7, '--fact-frac', 0.5], 'must be at most 1 together'),
+    (['--stage', 3], "--stage: invalid choice: 3")])
+def test_every_flag_error_is_one_line_before_any_model(flags, words, tmp_path, monkeypatch, capsys):
+    assert words in train_here(monkeypatch, capsys, '--stage', 1, '--model', BASE, *flags, '--out', tmp_path)
+
+
+def test_help_lists_the_limits(monkeypatch, capsys):
+    monkeypatch.setattr(sys, 'argv', ['train.py', '--help'])
+    with pytest.raises(SystemExit):
+        runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+    text = ' '.join(capsys.readouterr().out.split())
+    assert '--batch, --group, --rollouts, --micro-batch, --gen-chunk, --eval-n 4,096' in text and '--seed >= 0' in text
+
+
+def test_resume_refuses_what_would_change_the_run(two_steps, tmp_path, monkeypatch, capsys):
+    """The checkpoint knows its run: a flag that changes a step is refused, naming it and both values."""
+    out = str(tmp_path / 'run')
+    shutil.copytree(two_steps, out)
+    for flags, words in [(['--seed', 1], '--resume with --seed 1 but the checkpoint'), (['--batch', 3], '--batch 2'),
+                         (['--no-label'], '--no-label True'), (['--group', 2], '--group 4'),
+                         (['--reward', 'visionreasoner'], 'trained with --reward star'),
+                         (['--image-size', 224], '--image-size 112')]:
+        assert words in train_here(monkeypatch, capsys, '--stage', 1, *RL, '--steps', 3, '--out', out, '--resume',
+                                   *flags)
+    msg = train_here(monkeypatch, capsys, '--stage', 2, *RL, '--init-adapter', 'none', '--out', out, '--resume')
+    assert '--stage 2 but the checkpoint' in msg and 'trained with --stage 1' in msg
+    os.remove(os.path.join(out, 'last', 'train_config.json'))  # a checkpoint from before the file: trainer.pt's
+    assert '--seed 1' in train_here(monkeypatch, capsys, '--stage', 1, *RL, '--out', out, '--resume', '--seed', 1)
+
+
+def test_incomplete_or_blocked_checkpoint_is_refused_not_restarted(two_steps, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / 'run')
+    shutil.copytree(two_steps, out)
+    os.remove(os.path.join(out, 'last', 'trainer.pt'))  # the adapter is there, its step and optimizer state not
+    kept = open(os.path.join(out, 'last', 'adapter.safetensors'), 'rb').read()
+    for resume in ([], ['--resume']):
+        msg = train_here(monkeypatch, capsys, '--stage', 1, *RL, '--steps', 3, '--out', out, *resume)
+        assert 'holds adapter.safetensors' in msg and 'but no trainer.pt' in msg
+    assert open(os.path.join(out, 'last', 'adapter.safetensors'), 'rb').read() == kept
+    shutil.rmtree(os.path.join(out, 'last'))
+    open(os.path.join(out, 'last'), 'w').close()
+    assert 'is a file, not a checkpoint folder' in train_here(monkeypatch, capsys, '--stage', 1, *RL, '--out', out,
+                                                               '--resume')
+    assert 'cannot write there' in train_here(monkeypatch, capsys, '--stage', 1, *RL, '--out',
+                                              os.path.join(out, 'last', 'sub'))
+
+
+def test_a_live_lock_is_refused_a_dead_one_on_this_host_taken(tmp_path):
+    import socket
+    import checkpoint
+    lock = tmp_path / 'train.lock'
+    lock.write_text(json.dumps(dict(pid=os.getppid(), host=socket.gethostname())))  # alive: pytest's parent
+    with pytest.raises(RuntimeError, match=f'PID {os.getppid()} on {socket.gethostname()}'):
+        checkpoint.lock(str(tmp_path))
+    lock.write_text(json.dumps(dict(pid=os.getppid(), host='elsewhere')))  # another host cannot be checked
+    with pytest.raises(RuntimeError, match='on elsewhere'):
+        checkpoint.lock(str(tmp_path))
+    gone = subprocess.Popen([sys.executable, '-c', 'pass'])
+    gone.wait()
+    lock.write_text(json.dumps(dict(pid=gone.pid, host=socket.gethostname())))
+    assert checkpoint.lock(str(tmp_path)) == str(lock) and json.loads(lock.read_text())['pid'] == os.getpid()
+    checkpoint._unlock(str(lock), os.getpid())
+    assert not lock.exists()
+
+
+def test_corrupt_log_line_is_skipped_and_named_and_steps_may_grow(two_steps, tmp_path):
+    out = str(tmp_path / 'run')
+    shutil.copytree(two_steps, out)
+    log = os.path.join(out, 'log.jsonl')
+    lines = open(log).readlines()
+    open(log, 'w').writelines(lines[:1] + ['{"step": 2, "loss": nan-garbage\n'] + lines[1:])
+    p = run('--stage', 1, *RL, '--steps', 3, '--save-every', 1, '--out', out, '--resume')
+    assert f'{log} line 2: not a JSON step record, skipped' in p.stdout
+    rec = records(out)
+    assert [r['step'] for r in rec] == [1, 2, 3] and rec[:2] == records(two_steps)
+
+
+def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / 'run')
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: types.SimpleNamespace(total=10 ** 6, used=0, free=4096))
+    msg = train_here(monkeypatch, capsys, '--stage', 1, *RL, '--steps', 2, '--out', out, model_may_load=True)
+    assert f'--out {out}: 0 MiB free, a checkpoint needs about' in msg
+    assert not os.path.exists(os.path.join(out, 'log.jsonl'))  # before the first step
+    monkeypatch.undo()
+    real, calls = torch.save, []
+
+    def full(obj, f, *a, **k):  # the second save finds the disk full
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', full)
+    msg = train_here(monkeypatch, capsys, '--stage', 1, *RL, '--steps', 2, '--save-every', 1, '--out', out,
+                     model_may_load=True)
+    assert msg.startswith('[train] error: saving step 2: cannot write the checkpoint') and 'No space left' in msg
+    assert lora.read_lora(os.path.join(out, 'last', 'adapter.safetensors'))[1]['step'] == 1  # the last one stays
+    assert not os.path.exists(os.path.join(out, 'last.tmp'))  # the half-written copy is gone
