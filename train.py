@@ -297,3 +297,4 @@ except KeyboardInterrupt:  # keep the finished steps: save them, say how to cont
     sys.exit(f'\n[train] interrupted after step {done}: checkpoint {ckpt} holds step {saved}; continue with: {again}')
 if rank == 0:
     print(f'[train] stage {args.stage} done: {ckpt}')
+parallel.finish()  # torchrun: the process group goes down before the interpreter does
