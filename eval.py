@@ -256,7 +256,8 @@ for b, idx in mine:
             vis.overlay(os.path.join(vis_dir, f'{i:05d}.png'), sample.image, layers, sample.query, think,
                         sample.gt_mask, sample.ignore, rec['iou'],
                         (f'type {sample.reasoning_type} · ' if sample.reasoning_type else '') + (
-                            f'vote of {N}: {rec["vote_reason"]}' if N > 1 else 'greedy'), len(sample.masks))
+                            f'vote of {N}: {rec["vote_reason"]}' if N > 1 else 'greedy'), len(sample.masks),
+                        unparsable=rec['failed'] == N)
     part.flush()  # a crash loses at most the batch in progress
     bar.update(len(idx))
 bar.close()
