@@ -274,3 +274,14 @@ def test_end_to_end_greedy_vote_compare_and_two_processes(tiny, tmp_path):
     s1.pop('seconds'), s2.pop('seconds')
     assert s2 == s1 and r2 == r1  # same batches, same greedy answers, same sums, one samples.jsonl
     assert sorted(os.listdir(tmp_path / 'g2')) == ['samples.jsonl', 'summary.json', 'vis']
+
+
+def test_eval_without_an_adapter_says_it_evaluates_the_untrained_base(tmp_path):
+    # the sandbox with no runs/ (a fresh clone before training): the shipped base, said before and after
+    os.symlink(os.path.join(ROOT, 'sandbox'), tmp_path / 'sandbox')
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), '--limit', '2', '--max-new-tokens', '8',
+                        '--vis-n', '0', '--out', tmp_path / 'o'], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [line for line in r.stderr.splitlines() if 'UNTRAINED base sandbox/stage0' in line]
+    assert len(warnings) == 2 and 'python train.py --stage 2' in warnings[0]
