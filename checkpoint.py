@@ -77,8 +77,8 @@ def prepare(path, resume, rank):
     if len(set(parallel.gather_objects(found))) > 1:
         sys.exit(f'[train] error: {path} is seen by some ranks and not by others: on several nodes --out must be '
                  'on a filesystem they all share')
-    if resume and not found:
-        print(f'[train] --resume: no checkpoint in {out}, starting at step 0')
+    if resume and not found:  # train.py checks this before any work; here: a rank that sees none
+        sys.exit(f'[train] error: --resume: no checkpoint in {out} to continue')
     elif found and not resume:
         sys.exit(f'[train] error: {out} already holds a checkpoint: --resume continues it, --out DIR starts anew')
     return found

@@ -194,6 +194,10 @@ if ddp:
     import torch.distributed as dist
 sandbox = args.model is None
 base, adapter, meta = inference.resolve(args.model, args.adapter, 'eval')
+untrained = sandbox and adapter is None  # no runs/stage{2,1} adapter: the shipped stage-0 base, before any RL
+if untrained and rank == 0:
+    print(f'[eval] WARNING: no trained adapter (runs/stage2, runs/stage1): this evaluates the UNTRAINED base {base} '
+          '(stage 0, no RL); train first with `python train.py --stage 2`, or pass --adapter FILE', file=sys.stderr)
 try:
     samples = data.load_dataset(args.data, args.skip_bad)[:args.n] if args.data else \
         world.dataset('test', args.n or TEST_SIZE)
@@ -272,7 +276,8 @@ for b, idx in mine:
             vis.overlay(os.path.join(vis_dir, f'{i:05d}.png'), sample.image, layers, sample.query, think,
                         sample.gt_mask, sample.ignore, rec['iou'],
                         (f'type {sample.reasoning_type} · ' if sample.reasoning_type else '') + (
-                            f'vote of {N}: {rec["vote_reason"]}' if N > 1 else 'greedy'), len(sample.masks))
+                            f'vote of {N}: {rec["vote_reason"]}' if N > 1 else 'greedy'), len(sample.masks),
+                        unparsable=rec['failed'] == N)
     part.flush()  # a crash loses at most the batch in progress
     bar.update(len(idx))
 bar.close()
@@ -312,5 +317,7 @@ if agg:
           f"{stats.ci_text(agg['gIoU_ci'])}, cIoU {100 * agg['cIoU']:.1f} {stats.ci_text(agg['cIoU_ci'])}")
 print(f"[eval] {len(records)} queries in {summary['seconds']:.0f} s | results in {out}/ (summary.json, samples.jsonl"
       + (', curve.png)' if len(ns) > 1 else ')') + (f' | overlays in {vis_dir}/' if args.vis_n else ''))
+if untrained:  # said again under the table, where the numbers are read
+    print(f'[eval] WARNING: these are the numbers of the UNTRAINED base {base} (no adapter, no RL)', file=sys.stderr)
 if other is not None:
     show_comparison(records, other, out, args.compare[0], out)

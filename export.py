@@ -86,6 +86,10 @@ try:
         json.dump(dict(base=os.path.abspath(base), adapter=os.path.abspath(args.adapter), merged_layers=merged,
                        dtype=str(next(net.parameters()).dtype).replace('torch.', ''),
                        **{k: meta[k] for k in keep if k in meta}), f, indent=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp):  # transformers writes model.safetensors 0600: readable by all, as any other file
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
     if os.path.isdir(args.out):
         os.rmdir(args.out)  # empty, checked above
     os.replace(tmp, args.out)

@@ -62,6 +62,16 @@ def barrier():
         dist.barrier()
 
 
+def finish():
+    """End of a torchrun script: wait for every rank, then tear the process group down while Python is
+    still whole. Left to the interpreter's exit, gloo's worker threads can still hold a finished
+    collective's tensors (FSDP2 issues them asynchronously); releasing one then needs the GIL of an
+    interpreter being torn down and the rank aborts: "terminate called without an active exception"."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def broadcast_object(obj):
     """Rank 0's picklable `obj` on every rank (obj itself outside torchrun)."""
     if not dist.is_initialized():

@@ -5,10 +5,12 @@ mask (method §1-4; --vote N: mask voting over N samples, method §10).
   python predict.py --image photo.jpg --query "where can I sit" --model Qwen2.5-VL-7B \\
       --adapter runs/stage2/last/adapter.safetensors --sam sam_vit_h.pth --sam-type vit_h --vote 8
 Writes <out>/<image name>.png (image | prediction: masks, boxes, points, labels; the query as title)
-and <out>/<image name>_mask.png. Loading and voting: inference.py.
+and <out>/<image name>_mask.png (refused when there, unless --force). Exit status 0: an answer (objects,
+or "no object"); 3: no sample gave a readable answer (the files are written; the empty mask is no answer).
+Loading and voting: inference.py.
 Tested by: python -m pytest tests/test_predict.py
 """
-import argparse, json, os
+import argparse, json, os, sys
 import numpy as np
 import torch
 from PIL import Image
@@ -16,6 +18,7 @@ from PIL import Image
 import data, pipeline, vis
 from inference import (GEN_CHUNK, LIMITS_HELP, SANDBOX_NEW_TOKENS, SANDBOX_THREADS, check_ints, check_out, combine,
                        fail, load, resolve)
+from sandbox import world
 
 
 def main():
@@ -30,6 +33,7 @@ def main():
                    f'answers do not depend on it (default: {GEN_CHUNK} with --model, all in the sandbox)')
     g.add_argument('--adapter', metavar='FILE', help='LoRA file (default without --model: newest runs/stage{2,1})')
     g.add_argument('--out', default='runs/predict', metavar='DIR', help='output folder (default: runs/predict)')
+    g.add_argument('--force', action='store_true', help='overwrite <out>/<image name>.png and _mask.png if there')
     g.add_argument('--seed', type=int, default=0, metavar='S', help='sampling seed under --vote (default: 0)')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', metavar='DEV',
                    help='torch device (default: cuda if there is one, else cpu)')
@@ -68,6 +72,16 @@ def main():
         image = data.to_rgb(Image.open(args.image))  # 16-bit grey scaled to 8 bits
     except Exception as e:  # noqa: BLE001
         fail('predict', f'--image {args.image}: unreadable ({type(e).__name__}: {e})')
+    stem = os.path.join(args.out, os.path.splitext(os.path.basename(args.image))[0])
+    there = [f for f in (f'{stem}.png', f'{stem}_mask.png') if os.path.exists(f)]
+    if there and not args.force:
+        fail('predict', f'--out {args.out}: {there[0]} is there from an earlier run: --force overwrites it, '
+             'or pass another --out')
+    different = world.unlike(image) if args.model is None else ''
+    if different:  # the sandbox model has only seen flat shapes on dark grey: its answer here means little
+        print(f'[predict] WARNING: {args.image} is unlike the sandbox world the default model knows: {different}. '
+              'Expect unparsable or wrong answers; a real checkpoint: --model DIR (README "Your own image")',
+              file=sys.stderr)
     base, adapter, meta = resolve(args.model, args.adapter, 'predict')
     pol = load('predict', base, adapter, meta, args.device, args.image_size, args.coord_mode, args.prompt_file,
                args.sam, args.sam_type, args.threads, sandbox=args.model is None)
@@ -83,15 +97,22 @@ def main():
     for i, (text, (objs, _, _)) in enumerate(zip(texts, answers)):
         head = f'sample {i + 1}/{len(texts)} ' if len(texts) > 1 else ''
         print(f'{head}think: {vis.shorten(text, 400)}')
-        print(f'{head}answer (original pixels): ' + ('unparsable' if objs is None else json.dumps(objs)))
+        print(f'{head}answer (original pixels): ' + ('unparsable (no object list could be read)' if objs is None
+                                                     else json.dumps(objs) + (' (no object)' if not objs else '')))
     if reason:
         print(f'vote: {reason}')
+    unparsable = all(objs is None for objs, _, _ in answers[:args.vote])  # no answer at all, not "no object"
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, os.path.splitext(os.path.basename(args.image))[0])
-    vis.overlay(f'{stem}.png', image, layers, args.query, texts[0], note=reason)
+    vis.overlay(f'{stem}.png', image, layers, args.query, texts[0], note=reason, unparsable=unparsable)
     vis.save_mask(pred, f'{stem}_mask.png')
-    print(f'[predict] {int(pred.sum())} px predicted | wrote {stem}.png (overlay), {stem}_mask.png')
+    result = f'{int(pred.sum())} px predicted' if pred.any() else 'no answer' if unparsable else 'no object'
+    print(f'[predict] {result} | wrote {stem}.png (overlay), {stem}_mask.png')
+    if unparsable:
+        print('[predict] WARNING: ' + ('the answer is' if len(answers) == 1 else f'all {len(answers)} answers are') +
+              ' unparsable: the empty mask means "no answer", not "no object" (exit status 3)', file=sys.stderr)
+        return 3
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -20,7 +20,7 @@ import model as M
 import segment as S
 
 p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog='stages: ' + ' | '.join(x.strip() for x in __doc__.split('\n')[2:7] if x.strip()))
+                            epilog='stages:\n' + '\n'.join(x for x in __doc__.split('\n')[2:7] if x.strip()))
 a = p.add_argument_group('common (a value left out comes from the preset: sandbox, or paper with --model)')
 a.add_argument('--stage', type=int, default=2, choices=[0, 1, 2], help='training stage (default 2)')
 a.add_argument('--model', help='local Qwen2/2.5/3-VL checkpoint dir (default: the shipped sandbox base)')
@@ -143,6 +143,9 @@ def check_args():
         bad.append('--stage 0 trains the tiny sandbox base, whole; a real Qwen-VL (or --shard) starts at --stage 1')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         bad.append(f'--out {args.out}: is a file')
+    if args.resume and not any(checkpoint.complete(os.path.join(args.out, 'last' + x)) for x in ('', '.tmp', '.old')):
+        bad.append(f'--resume: no checkpoint in {args.out} to continue (it would start anew): leave out --resume, '
+                   'or give the --out of the run to continue')
     if bad:
         sys.exit(f'[train] error: {bad[0]}')
 
@@ -356,3 +359,4 @@ except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: keep the finished steps, sa
     sys.exit(128 + getattr(signal, why, signal.SIGINT))
 if rank == 0:
     print(f'[train] stage {args.stage} done: {ckpt}')
+parallel.finish()  # torchrun: the process group goes down before the interpreter does

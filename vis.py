@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image
 
 PALETTE = [(230, 25, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230)]
-KEY = 'boxes: solid = in the output, dashed = dropped vote cluster · x = point · dotted white = ground truth'
+KEY = ('boxes: solid = in the output, dashed = a dropped vote cluster · numbers: the lines above · x = point '
+       '· dotted white = ground truth')
 PANEL_INCHES, DPI = 4.2, 100  # each panel ~420 px wide whatever the image size (224 px scenes x1.9)
 
 
@@ -47,8 +48,9 @@ def _figure(n_panels, aspect, text_lines):
 
 
 def _draw_answer(ax, layers, shape):
-    """Boxes (solid if kept, dashed if a dropped vote cluster), points (x) and labels of the answer's
-    objects; kept ones drawn last (on top), labels moved apart when they would overlap."""
+    """Boxes (solid if kept, dashed if a dropped vote cluster), points (x) and a number tag per object at
+    its box's corner; the labels themselves go under the figure (legend), where they cannot overlap.
+    Kept objects are drawn last (on top); a tag that would cover an earlier one moves down."""
     from matplotlib.patches import Rectangle
     H, W = shape
     placed = []
@@ -61,18 +63,23 @@ def _draw_answer(ax, layers, shape):
                                    ls='-' if lay['kept'] else '--', **style))
         if lay['point'] is not None:
             ax.plot(*lay['point'], marker='x', ms=9, mew=2.5, **style)
-        votes = '' if lay['votes'] is None else f" · {_count(lay['votes'], 'vote')}"
-        text = (lay['label'] or '(no label)') + votes + ('' if lay['kept'] else ' (dropped)')
-        x1, y1, x2 = (lay['box'][:3]) if lay['box'] is not None else (*(lay['point'] or (0, 0)), None)
-        right = x1 > W / 2  # labels on the right half end at the box's right edge, inside the panel
-        x, y = (x2 if right and x2 is not None else x1), max(y1 - 0.02 * H, 0.06 * H)
-        width = len(text) * 6.8 / (PANEL_INCHES * DPI) * W  # fontsize 9: about 6.8 px a character
-        span = (x - width, x) if right else (x, x + width)
-        while any(abs(y - py) < 0.065 * H and span[0] < b and a < span[1] for (a, b), py in placed):
-            y += 0.07 * H  # below the label already there
-        placed.append((span, y))
-        ax.text(x, y, text, fontsize=9, color='white', va='bottom', ha='right' if right else 'left',
-                bbox=dict(facecolor=color, alpha=0.85 if lay['kept'] else 0.45, pad=1.5, lw=0))
+        x, y = (lay['box'][:2]) if lay['box'] is not None else (lay['point'] or (0, 0))
+        x, y = min(max(x, 0), 0.93 * W), min(max(y, 0.0), 0.93 * H)
+        while any(abs(x - px) < 0.07 * W and abs(y - py) < 0.07 * H for px, py in placed):
+            y += 0.075 * H  # a tag already there (another cluster at the same place): below it
+        placed.append((x, y))
+        ax.text(x, y, str(k + 1), fontsize=9, color='white', va='top', ha='left', fontweight='bold',
+                bbox=dict(facecolor=color, alpha=0.9 if lay['kept'] else 0.5, pad=1.5, lw=0))
+
+
+def legend(layers):
+    """One line per drawn object, in its colour: number, label, votes, kept or dropped."""
+    out = []
+    for k, lay in enumerate(layers):
+        votes = '' if lay['votes'] is None else f" · found by {_count(lay['votes'], 'sample')}"
+        state = '' if lay['votes'] is None else (' · kept' if lay['kept'] else ' · dropped')
+        out.append((f"■ {k + 1}  {lay['label'] or '(no label)'}{votes}{state}", PALETTE[k % len(PALETTE)]))
+    return out
 
 
 def _center_note(ax, text):
@@ -92,12 +99,15 @@ def _count(n, what='object'):
     return f'{n} {what}' + ('' if n == 1 else 's')
 
 
-def overlay(path, image, layers, query, think='', gt=None, ignore=None, iou=None, note='', n_gt=None):
+def overlay(path, image, layers, query, think='', gt=None, ignore=None, iou=None, note='', n_gt=None,
+            unparsable=False):
     """Write a PNG: image | ground truth (left out when gt is None, as in predict.py) | prediction,
     the ground truth outlined on it. Titles say what each panel holds: "no target" for an empty
-    ground truth, "predicted: nothing" for an empty prediction, the IoU; the query heads the figure,
-    the think (shortened here) and `note` (e.g. the vote's reason) stand under it. n_gt: GT instances, for the title.
-    Returns the matplotlib Figure (tests read its titles)."""
+    ground truth, "no object" for an empty prediction, or "unparsable answer" when `unparsable` (no sample
+    gave a readable answer: the empty mask is no answer at all), the IoU; the query heads the figure; the
+    think (shortened here), `note` (e.g. the vote's reason) with its terms in words (vote.explain), one
+    coloured line per object (label, votes, kept / dropped) and the key stand under it. n_gt: GT
+    instances, for the title. Returns the matplotlib Figure (tests read its titles)."""
     img, gt_panel, pred_panel = panels(image, gt if gt is not None else np.zeros(image.shape[:2], bool),
                                        ignore, layers)
     H, W = img.shape[:2]
@@ -105,13 +115,17 @@ def overlay(path, image, layers, query, think='', gt=None, ignore=None, iou=None
     head = textwrap.wrap(f'query: "{query}"', 100)[:2]
     key = KEY if gt is not None else KEY.rsplit(' · ', 1)[0]  # no ground truth in predict.py
     key += ' · grey = ignored pixels' if ignore is not None and ignore.any() else ''
-    foot = textwrap.wrap(f'think: {shorten(think, 220)}', 120)[:2] + textwrap.wrap(note, 120)[:2] + [key]
+    import vote
+    wrap = 60 if gt is None else 120  # characters: predict's 2 panels are narrower than eval's 3
+    foot = [(t, 'black') for t in textwrap.wrap(f'think: {shorten(think, 220)}', wrap)[:2]
+            + textwrap.wrap(note, wrap)[:2] + textwrap.wrap(vote.explain(note), wrap)] + \
+        legend(layers)[:12] + [(t, 'black') for t in textwrap.wrap(key, wrap)]
     fig, axes = _figure(2 if gt is None else 3, H / W, len(head) + len(foot))
     shown = [(img, f'image ({W}×{H})')]
     if gt is not None:
         shown.append((gt_panel, 'ground truth: ' + ('no target' if not gt.any() else _count(n_gt) if n_gt else 'mask')))
     any_pred = any(lay['mask'].any() for lay in kept)
-    what = _count(len(kept)) if any_pred else 'nothing'
+    what = _count(len(kept)) if any_pred else 'unparsable answer' if unparsable else 'no object'
     if any(lay['votes'] is not None for lay in layers):
         what = f'{len(kept)} of {_count(len(layers), "vote cluster")} kept'
     shown.append((pred_panel, f'prediction: {what}' + ('' if iou is None else f' · IoU {iou:.2f}')))
@@ -124,13 +138,15 @@ def overlay(path, image, layers, query, think='', gt=None, ignore=None, iou=None
     elif gt is not None:  # the GT's outline on the prediction, to see where it misses
         axes[-1].contour(gt, levels=[0.5], colors='white', linewidths=1.2, linestyles='dotted')
     if not any_pred:
-        _center_note(axes[-1], 'predicted: nothing')
+        _center_note(axes[-1], 'unparsable answer\n(not "no object")' if unparsable else 'predicted: no object')
     _draw_answer(axes[-1], layers, (H, W))
     fig.suptitle('\n'.join(head), fontsize=13, y=0.995, va='top')
-    fig.text(0.01, 0.01, '\n'.join(foot), fontsize=10, va='bottom', family='monospace')
     inches = fig.get_figheight()
+    for i, (line, color) in enumerate(foot):  # one text per line: the legend's lines in their objects' colours
+        fig.text(0.01, (0.1 + 0.2 * (len(foot) - 1 - i)) / inches, line, fontsize=10, va='bottom', family='monospace',
+                 color=np.array(color) / 255 if isinstance(color, tuple) else color)
     fig.subplots_adjust(left=0.01, right=0.99, top=1 - (0.3 * len(head) + 0.3) / inches,
-                        bottom=(0.2 * len(foot) + 0.1) / inches, wspace=0.03)
+                        bottom=(0.2 * len(foot) + 0.15) / inches, wspace=0.03)
     fig.savefig(path)
     return fig
 

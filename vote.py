@@ -85,7 +85,10 @@ def _most_common(xs):
     return max(counts, key=counts.get, default=None)
 
 
-def majority_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0.2, agg='best',
+NO_OBJECT, CLUSTER_IOU, VOTE_RATIO = 0.5, 0.85, 0.2  # method §10: the reference's thresholds
+
+
+def majority_vote(samples, no_object_thresh=NO_OBJECT, cluster_iou=CLUSTER_IOU, vote_ratio=VOTE_RATIO, agg='best',
                   pixel_thresh=0.5, shape=None):
     """Vote N samples of one query into one mask (method §10).
 
@@ -139,6 +142,21 @@ def majority_vote(samples, no_object_thresh=0.5, cluster_iou=0.85, vote_ratio=0.
                           agg, pixel_thresh)
     return out, clusters, f'K={k_hat}: kept {min(k_hat, len(ranked))} of {len(clusters)} ' \
                           f'clusters ({note})'
+
+
+def explain(reason):
+    """majority_vote's reason -> the vote's terms it uses, in words, for a reader who has not read
+    method §10 (the overlays print them under the picture). '' for a greedy answer."""
+    words = [('no parsable', 'no parsable sample: no sample gave a readable answer, so there is no answer '
+              '(not "no object")'),
+             ('no-object majority', f'no-object majority: at least {NO_OBJECT:.0%} of the readable samples '
+              'answered "no object"'),
+             ('K=', 'K = how many objects most samples answered; the K clusters found by the most samples are kept'),
+             ('clusters', f'cluster = one object as several samples found it (masks overlapping, IoU >= '
+              f'{CLUSTER_IOU}); votes = how many samples found it'),
+             ('below vote ratio', f'below vote ratio = found by fewer than {VOTE_RATIO:.0%} of the readable '
+              'samples: dropped')]
+    return '; '.join(text for key, text in words if key in (reason or ''))
 
 
 def _aggregate(masks, scores, areas, agg, pixel_thresh):

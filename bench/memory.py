@@ -219,7 +219,7 @@ def estimate():
 
 
 if __name__ == '__main__':
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split(' A measurement, not a test')[0])
     p.add_argument('--only', default='measured,loading,estimate', help='comma-separated subset of measured,loading,'
                    'estimate')
     p.add_argument('--out', default='runs/bench_memory.md', help='where the markdown tables are written')

@@ -11,33 +11,37 @@ which gives SAM and the update real work and every group a spread of rewards.
   python -m bench.smoke --device cpu --layers 1 --rollouts 2 --group 2 --max-new-tokens 8   # same shapes, towers cut
 Tested by: python -m pytest tests/test_smoke.py (bench/scale.py runs the CPU version of both configurations)
 """
-import argparse, io, json, os, runpy, sys, tempfile
+import argparse, atexit, io, json, os, runpy, shutil, sys, tempfile
 import numpy as np
 import torch
 
 import lora, rewards
 from sandbox import tiny
 
-p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-p.add_argument('--arch', default='qwen2.5-vl-7b', choices=sorted(tiny.ARCHS), help='configuration')
+p = argparse.ArgumentParser(description=__doc__.split('Tested by')[0],  # each default is said once, in its help
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument('--arch', default='qwen2.5-vl-7b', choices=sorted(tiny.ARCHS),
+               help='configuration (default: qwen2.5-vl-7b)')
 p.add_argument('--layers', type=int, default=None, help='language-model layers (default: all)')
 p.add_argument('--vision-layers', type=int, default=None, help='vision blocks (default: --layers if given, else all)')
 p.add_argument('--width', type=int, default=None, help='language-model hidden width, a multiple of 128 '
                '(default: the real one; the tests use 256 to stay fast)')
-p.add_argument('--rollouts', type=int, default=256, help='REST N sampled per prompt')
-p.add_argument('--group', type=int, default=16, help='G kept per prompt')
-p.add_argument('--steps', type=int, default=2, help='stage-2 steps')
-p.add_argument('--max-new-tokens', type=int, default=2048, help='response length (random weights use all of it)')
-p.add_argument('--sam-type', default='vit_h', choices=['vit_b', 'vit_l', 'vit_h', 'none'],
-               help='random SAM of this size (none: the colour segmenter; default none on CPU)')
-p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
-p.add_argument('--out', default=None, help='work dir (default: a temp dir)')
+p.add_argument('--rollouts', type=int, default=256, help='REST N sampled per prompt (default: 256)')
+p.add_argument('--group', type=int, default=16, help='G kept per prompt (default: 16)')
+p.add_argument('--steps', type=int, default=2, help='stage-2 steps (default: 2)')
+p.add_argument('--max-new-tokens', type=int, default=2048, help='response length; random weights use all '
+               'of it (default: 2048)')
+p.add_argument('--sam-type', default=None, choices=['vit_b', 'vit_l', 'vit_h', 'none'],
+               help='a random SAM of this size; none: the colour segmenter (default: vit_h on a GPU, none on CPU)')
+p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device (default: cuda if there is one, else cpu)')
+p.add_argument('--out', default=None, help='work dir, kept (default: a temp dir, deleted at the end)')
 p.add_argument('extra', nargs='*', help='more train.py flags after --, e.g. -- --micro-batch 4 --gen-chunk 32')
 args = p.parse_args()
 out = args.out or tempfile.mkdtemp(prefix='smoke_')
+if args.out is None:  # the random checkpoints (67 MB at one layer per tower, GBs at full size) go at exit
+    atexit.register(shutil.rmtree, out, True)
 cpu = not str(args.device).startswith('cuda')
-sam_type = 'none' if cpu and '--sam-type' not in sys.argv else args.sam_type
+sam_type = args.sam_type or ('none' if cpu else 'vit_h')
 
 
 def write_data(path, rows=2, size=(1600, 1200)):

@@ -239,3 +239,27 @@ def vocabulary():
     """Every text the sandbox tokenizer must know."""
     words = list(COLORS) + list(SHAPES) + list(FUNCTION) + list(KNOWLEDGE) + list(RELATIONS) + list(POSITIONS)
     return words + [f for fs in FRAMES.values() for f in fs] + ['nothing', 'label', 'shapes']
+
+
+# How alike an image is to the world's scenes, for predict.py's warning. A scene is the dark background
+# with 3 flat shapes of the 5 colours: >= 98% of its pixels are within LIKE_TOL (per channel) of those 6
+# colours (JPEG at quality 50, 200 test scenes) and >= 82% of the background's alone (600 scenes).
+# A photo or flat shapes on a light background fall below either floor.
+LIKE_TOL, LIKE_PALETTE, LIKE_BACKGROUND = 40, 0.9, 0.6
+
+
+def likeness(image):
+    """(H, W, 3) uint8 -> (share of pixels near one of the world's 6 colours, share near its background)."""
+    x = np.asarray(image, np.int16)[..., None, :]                                    # (H, W, 1, 3)
+    palette = np.array([BACKGROUND, *COLORS.values()], np.int16)                     # (6, 3)
+    near = (np.abs(x - palette).max(-1) <= LIKE_TOL)                                 # (H, W, 6)
+    return float(near.any(-1).mean()), float(near[..., 0].mean())
+
+
+def unlike(image):
+    """'' when the image could be a world scene, else one line saying how it differs."""
+    palette, background = likeness(image)
+    if palette >= LIKE_PALETTE and background >= LIKE_BACKGROUND:
+        return ''
+    return (f'{100 * palette:.0f}% of its pixels have one of the world\'s 6 colours (scenes: >= 98%), '
+            f'{100 * background:.0f}% its dark grey background (scenes: >= 82%)')

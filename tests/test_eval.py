@@ -308,3 +308,14 @@ def test_a_full_disk_is_one_line(tiny, tmp_path):
                         '--vis-n', '0'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith('[eval] error: cannot write') and 'No space left' in r.stderr
+
+
+def test_eval_without_an_adapter_says_it_evaluates_the_untrained_base(tmp_path):
+    # the sandbox with no runs/ (a fresh clone before training): the shipped base, said before and after
+    os.symlink(os.path.join(ROOT, 'sandbox'), tmp_path / 'sandbox')
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), '--limit', '2', '--max-new-tokens', '8',
+                        '--vis-n', '0', '--out', tmp_path / 'o'], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [line for line in r.stderr.splitlines() if 'UNTRAINED base sandbox/stage0' in line]
+    assert len(warnings) == 2 and 'python train.py --stage 2' in warnings[0]

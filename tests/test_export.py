@@ -104,6 +104,10 @@ def test_checkpoint_has_the_base_keys_and_files(setup):
     assert info['merged_layers'] == 4 * 7  # 4 decoder layers x q k v o gate up down
     assert (info['r'], info['alpha'], info['stage'], info['step']) == (4, 8, 2, 3)
     assert not [f for f in os.listdir(setup['root']) if '.tmp' in f]  # no temporary folder left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f: os.stat(os.path.join(out, f)).st_mode & 0o777 for f in files}  # transformers wrote the weights 0600
+    assert modes == {f: 0o666 & ~umask for f in files} and 'model.safetensors' in modes
 
 
 def test_bad_input_is_refused_in_one_line(setup, tmp_path):

@@ -40,7 +40,7 @@ def run_main(monkeypatch, argv, texts=None):
                             [types.SimpleNamespace(texts=texts(size, n))])
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, 'argv', ['predict.py', *map(str, argv)])
-    predict.main()
+    return predict.main()
 
 
 @pytest.mark.parametrize('vote', [1, 3])
@@ -56,6 +56,40 @@ def test_predict_writes_the_teacher_mask_and_prints_the_answer(tiny, scene, tmp_
     assert [o['bbox_2d'] for o in answer] == [list(map(int, b)) for b in s.boxes]  # mapped back from model space
     assert 'think: ' in out and (('vote: K=' in out) == (vote > 1))
     assert Image.open(tmp_path / 'out' / 'scene.png').size[0] >= 2 * 400  # image | prediction, drawn larger
+
+
+@pytest.mark.parametrize('vote', [1, 3])
+def test_predict_tells_an_unparsable_answer_from_no_object(tiny, scene, tmp_path, monkeypatch, capsys, vote):
+    s, image = scene
+    figs, draw = [], vis.overlay
+    monkeypatch.setattr(vis, 'overlay', lambda *a, **k: figs.append(draw(*a, **k)) or figs[-1])
+    for name, text, code, said, title in [
+            ('garbled', '<think>x</think><answer>[{"label": ', 3, 'no answer', 'prediction: unparsable answer'),
+            ('empty', '<think>x</think><answer>[]</answer>', 0, 'no object', 'prediction: no object')]:
+        got = run_main(monkeypatch, ['--image', image, '--query', s.query, '--model', tiny, '--vote', vote,
+                                     '--out', tmp_path / name], lambda size, n: [text] * n)
+        out, err = capsys.readouterr()
+        assert got == code and f'[predict] {said} | wrote' in out
+        assert title in texts_of(figs[-1])
+        assert ('"no answer", not "no object"' in err) == (code == 3)
+        assert ('unparsable (no object list could be read)' if code else '[] (no object)') in out
+
+
+def test_predict_never_overwrites_without_force(tiny, scene, tmp_path, monkeypatch):
+    s, image = scene
+    teacher = lambda size, n: [world.answer_text(s, (size, size))] * n  # noqa: E731
+    argv = ['--image', image, '--query', s.query, '--model', tiny, '--out', tmp_path / 'o']
+    assert run_main(monkeypatch, argv, teacher) == 0
+    (tmp_path / 'o' / 'scene_mask.png').write_bytes(b'an earlier result')
+    load = M.load_policy
+    monkeypatch.setattr(M, 'load_policy', lambda *a, **k: pytest.fail('a model loaded before the refusal'))
+    with pytest.raises(SystemExit) as e:
+        run_main(monkeypatch, argv, teacher)
+    assert str(e.value.code).startswith('[predict] error: --out') and '--force' in str(e.value.code)
+    assert (tmp_path / 'o' / 'scene_mask.png').read_bytes() == b'an earlier result'  # nothing lost
+    monkeypatch.setattr(M, 'load_policy', load)
+    assert run_main(monkeypatch, argv + ['--force'], teacher) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / 'o' / 'scene_mask.png')) > 0, s.gt_mask)
 
 
 def test_predict_bad_input_is_one_line_before_any_model(tiny, scene, tmp_path, monkeypatch):
@@ -120,7 +154,9 @@ def test_predict_with_no_flags_runs_the_sandbox_model_on_any_image(tmp_path):
     r = subprocess.run([sys.executable, 'predict.py', '--image', tmp_path / 'noise.jpg', '--query', 'the red circle',
                         '--out', tmp_path / 'o'], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'is unlike the sandbox world' in r.stderr  # noise is not a scene of flat shapes: said before the answer
+    # 0: an answer (objects or "no object"); 3: no readable answer, said as such
+    assert r.returncode == 0 or r.returncode == 3 and 'unparsable' in r.stdout and 'no answer' in r.stderr, r.stderr
     assert f'[predict] {inference.SANDBOX_BASE}' in r.stdout or 'runs/stage' in r.stdout
     assert 'think: ' in r.stdout and 'answer (original pixels): ' in r.stdout
     assert Image.open(tmp_path / 'o' / 'noise_mask.png').size == (150, 90)
@@ -137,16 +173,25 @@ def test_overlay_says_no_target_nothing_predicted_and_the_iou(tmp_path):
     empty = np.zeros(s.image.shape[:2], bool)
     fig = vis.overlay(tmp_path / 'a.png', s.image, [], 'find it', 'a long think ' * 30, gt=empty, iou=1.0)
     words = texts_of(fig)
-    assert 'ground truth: no target' in words and 'no target' in words and 'predicted: nothing' in words
-    assert 'prediction: nothing · IoU 1.00' in words and any(w.startswith('query: "find it"') for w in words)
-    assert any('think: a long think' in w and '…' in w for w in words)  # shortened, not all 30 repeats
+    assert 'ground truth: no target' in words and 'no target' in words and 'predicted: no object' in words
+    assert 'prediction: no object · IoU 1.00' in words and any(w.startswith('query: "find it"') for w in words)
+    foot = ' '.join(words)  # the lines under the picture
+    assert 'think: a long think' in foot and '…' in foot and foot.count('long think') < 30  # shortened
     obj = {'label': 'red circle', 'bbox_2d': [10, 10, 50, 50], 'point_2d': [30, 30]}
     fig = vis.overlay(tmp_path / 'b.png', s.image, [vis.layer(s.masks[0], True, obj, 5), vis.layer(s.masks[0], False,
                       obj, 1)], 'q', gt=s.gt_mask, iou=0.25, n_gt=len(s.masks))
     words = texts_of(fig)
     assert f'ground truth: {len(s.masks)} object' + ('s' if len(s.masks) > 1 else '') in words
     assert 'prediction: 1 of 2 vote clusters kept · IoU 0.25' in words
-    assert 'red circle · 5 votes' in words and 'red circle · 1 vote (dropped)' in words
+    # labels stand under the picture, one coloured line each (numbered tags on it): they cannot overlap
+    assert '■ 1  red circle · found by 5 samples · kept' in words
+    assert '■ 2  red circle · found by 1 sample · dropped' in words
+    assert '1' in words and '2' in words
+    fig = vis.overlay(tmp_path / 'v.png', s.image, [vis.layer(s.masks[0], True, obj, 5)], 'q', gt=s.gt_mask,
+                      note='vote of 8: K=1: kept 1 of 2 clusters (1 below vote ratio)')
+    terms = ' '.join(texts_of(fig))  # the vote's terms in words, on the picture
+    assert 'K = how many objects most samples answered' in terms and 'fewer than 20% of the readable' in terms
+    assert 'cluster = one object as several samples found it' in terms
     fig = vis.overlay(tmp_path / 'c.png', s.image, [vis.layer(s.masks[0], True, obj)], 'q')  # predict.py: 2 panels
     assert len(fig.axes) == 2 and 'prediction: 1 object' in texts_of(fig)
     assert Image.open(tmp_path / 'a.png').size[0] >= 3 * 400

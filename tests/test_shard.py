@@ -96,6 +96,7 @@ def loop(mode, out, steps):
     if rank == 0:
         checkpoint.save(ckpt, lambda d: lora.save_lora(net, os.path.join(d, 'adapter.safetensors'), state=state),
                         opt_state, steps, {}, 'find: {question}')
+    parallel.finish()  # as train.py: no rank exits with the process group still up (an abort at teardown)
 
 
 def real_path(out):
@@ -219,8 +220,11 @@ def test_sharded_eval_equals_one_process(plain, tmp_path):
 
 
 # ----------------------------------------------------------------------------- train.py --shard
+# --threads 1: one thread per rank. The sandbox preset's 2 per rank would put 4 spinning compute threads on
+# a 2-core machine, and every FSDP all-gather waits for the slowest of them (its steps ran about 2x slower here under load)
 RL = ['--stage', 1, '--model', BASE, '--preset', 'sandbox', '--group', 4, '--rollouts', 4, '--lora-r', 4,
-      '--lora-alpha', 8, '--max-new-tokens', 60, '--eval-every', 2, '--eval-n', 2, '--lr', 1e-3, '--save-every', 1]
+      '--lora-alpha', 8, '--max-new-tokens', 60, '--eval-every', 2, '--eval-n', 2, '--lr', 1e-3, '--save-every', 1,
+      '--threads', 1]
 TRAIN = os.path.join(ROOT, 'train.py')
 drop_times = lambda rec: [{k: v for k, v in r.items() if not k.startswith('t_')} for r in rec]  # noqa: E731
 

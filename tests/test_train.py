@@ -172,8 +172,11 @@ def test_interrupted_save_and_resume_bookkeeping(two_steps, tmp_path):
     p = run('--stage', 1, *RL, '--steps', 2, '--save-every', 1, '--out', out, '--resume', '--lr', '2e-3')
     assert 'restored it from' in p.stdout and 'at step 1' in p.stdout and '--lr 0.002 replaces' in p.stdout
     assert [r['step'] for r in records(out)] == [1, 2] and records(out)[1]['reward'] != -1.0
-    p = run('--stage', 1, *RL, '--steps', 1, '--out', str(tmp_path / 'new'), '--resume')
-    assert 'no checkpoint' in p.stdout
+    p = run('--stage', 1, *RL, '--steps', 1, '--out', str(tmp_path / 'new'), '--resume', ok=False)
+    assert 'no checkpoint' in p.stderr and len(p.stderr.strip().splitlines()) <= 3  # one line, nothing started
+    assert not os.path.exists(tmp_path / 'new')
+    p = run('--stage', 2, '--out', str(tmp_path / 'new'), '--resume', ok=False)  # the sandbox demo's stage 2:
+    assert 'no checkpoint' in p.stderr and not os.path.exists(tmp_path / 'new')  # not stage 1 first
     state = os.path.join(out, 'last', 'trainer.pt')  # a damaged trainer state is one line, not a traceback
     open(state, 'wb').write(open(state, 'rb').read()[:200])
     p = run('--stage', 1, *RL, '--steps', 3, '--out', out, '--resume', ok=False)

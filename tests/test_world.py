@@ -167,3 +167,31 @@ def test_attribute_batch_points_at_the_objects_own_visual_token():
         near = [(np.abs(rgb[i] * 255 - np.array(v)[:, None, None]).max(0) < 40).sum() for v in W.COLORS.values()]
         hits += int(np.argmax(near) == c and near[c] > 0)
     assert hits >= 16, f'only {hits} of 18 object tokens show their own colour'
+
+
+def test_likeness_tells_world_scenes_from_other_images():
+    import io
+    from matplotlib import cbook
+    from PIL import Image, ImageDraw
+
+    def jpeg(a, q=50):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format='JPEG', quality=q)
+        return np.asarray(Image.open(buf))
+    for i in range(40):  # a scene is like the world, saved losslessly or as a rough JPEG
+        img = W.sample('test', i).image
+        assert W.unlike(img) == '' and W.unlike(jpeg(img)) == ''
+    photo = np.asarray(Image.open(cbook.get_sample_data('grace_hopper.jpg')).convert('RGB'))
+    light = Image.new('RGB', (300, 200), (235, 235, 235))  # flat shapes of the world's colours, light background
+    ImageDraw.Draw(light).ellipse([20, 20, 90, 90], fill=W.COLORS['red'])
+    noise = np.random.default_rng(0).integers(0, 256, (90, 150, 3), np.uint8)
+    for img in (photo, np.asarray(light), noise):
+        assert 'dark grey background' in W.unlike(img)
+    # hand-computed: half background, half magenta (no world colour); then red within 40 per channel
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[:2], img[2:] = W.BACKGROUND, (255, 0, 255)
+    assert W.likeness(img) == (0.5, 0.5)
+    img[2:] = (255, 75, 5)  # red (220, 40, 40) off by 35 in each channel
+    assert W.likeness(img) == (1.0, 0.5)
+    img[2:] = (255, 81, 40)  # off by 41 in one channel
+    assert W.likeness(img) == (0.5, 0.5)
