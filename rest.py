@@ -41,6 +41,8 @@ def rest_stats(rewards, idx, m, success):
       abs_adv: mean |advantage| over the kept rollouts (advantages over the kept subset only).
       reward_gap: mean kept-top reward minus mean kept-bottom reward (halves as select orders them).
       flat_groups: fraction of prompts whose kept rewards all tie (they contribute no gradient).
+      rescued: fraction of prompts whose only successes are among samples m+1..N (= any_success_all
+        - any_success_first_m): the groups REST turns from all-failures into a learning signal.
     """
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     success = torch.as_tensor(success, dtype=torch.bool, device=rewards.device)
@@ -53,4 +55,21 @@ def rest_stats(rewards, idx, m, success):
         'rest_abs_adv': group_advantages(kept).abs().mean().item(),
         'rest_reward_gap': gap.mean().item(),
         'rest_flat_groups': (kept == kept[:, :1]).all(1).float().mean().item(),
+        # rescued: every success came from samples m+1..N (plain GRPO with m rollouts would have had none)
+        'rest_rescued': (success.any(1) & ~success[:, :m].any(1)).float().mean().item(),
     }
+
+
+def hard_prompts(success, below):
+    """The curriculum of `train.py --hard-below`: (P, K) bool successes of the starting policy on P
+    candidate prompts, K samples each -> LongTensor of the candidates (ascending) whose success rate
+    (successes / K) is strictly below `below`. REST can only rescue a prompt whose success is rare
+    (method §9); below = 1/K keeps the prompts never solved in K samples."""
+    success = torch.as_tensor(success, dtype=torch.bool)
+    return torch.nonzero(success.float().mean(1) < below).flatten()
+
+
+def pass_at(success, k):
+    """(P, K) bool successes -> the fraction of prompts with a success among their first k samples."""
+    success = torch.as_tensor(success, dtype=torch.bool)
+    return success[:, :k].any(1).float().mean().item() if len(success) else 0.0

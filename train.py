@@ -55,6 +55,11 @@ a.add_argument('--prompt-file', help='prompt template with {question} (default: 
 a.add_argument('--eval-every', type=int, help='held-out greedy gIoU every K steps, 0 never (sandbox 20)')
 a.add_argument('--eval-n', type=int, default=64, help='held-out samples for that check (64)')
 a.add_argument('--save-every', type=int, help='checkpoint every K steps (20)')
+a.add_argument('--hard-below', type=float, metavar='R', help='stage 2 curriculum: train only on prompts the '
+               'starting policy solves at a rate < R over --hard-k samples (a pre-pass; e.g. 0.125: never in 8)')
+a.add_argument('--hard-k', type=int, default=8, help='--hard-below: samples per screened prompt (8)')
+a.add_argument('--hard-pool', type=int, help='--hard-below: prompts screened, the first of the default order '
+               '(default: one run\'s worth, steps x batch; --data: at most the dataset)')
 a.add_argument('--seed', type=int, default=0, help='seed for data order, sampling and init (0)')
 a.add_argument('--threads', type=int, help='CPU threads (sandbox 2, fixed so a rerun gives the same numbers)')
 a.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
@@ -84,7 +89,8 @@ a.add_argument('--attr-coef', type=float, default=0.0, help='stage 0: weight of 
 # Flag ranges, checked before anything loads (check_args): past them a value is a typo, or cannot fit a machine.
 LIMITS = dict(steps=10 ** 7, save_every=10 ** 7, eval_every=10 ** 7, warmup=10 ** 7, vision_steps=10 ** 7,
               batch=4096, group=4096, rollouts=4096, micro_batch=4096, gen_chunk=4096, eval_n=4096, lora_r=1024,
-              threads=1024, max_new_tokens=32768, image_size=3584, seed=2 ** 32 - 1)  # integers: the most
+              threads=1024, max_new_tokens=32768, image_size=3584, seed=2 ** 32 - 1, hard_k=1024,
+              hard_pool=10 ** 7)  # integers: the most
 RANGES = dict(lr=(0, 1), wd=(0, 1), clip_eps=(0, 1), kl_coef=(0, 10), entropy_coef=(0, 10), attr_coef=(0, 100),
               lora_alpha=(0, 65536), temperature=(0, 10), top_p=(0, 1), guess_frac=(0, 1), fact_frac=(0, 1))  # floats
 ABOVE = ('lr', 'lora_alpha', 'temperature', 'top_p')  # must exceed their low end; the others may equal it
@@ -133,6 +139,8 @@ def check_args():
             bad.append(f'{flag(k)} {v}: must be {why}')
     if args.guess_frac + args.fact_frac > 1:
         bad.append(f'--guess-frac {args.guess_frac} + --fact-frac {args.fact_frac}: must be at most 1 together')
+    if args.hard_below is not None and (args.stage != 2 or not 0 < args.hard_below <= 1):
+        bad.append(f'--hard-below {args.hard_below}: a success rate in (0, 1], for --stage 2')
     if args.stage > 0 and args.rollouts < args.group:
         bad.append(f'--rollouts {args.rollouts} < --group {args.group}: REST samples N >= the G it keeps')
     if set(families) - set(world.FAMILIES):
@@ -244,13 +252,78 @@ val = [] if args.data else world.dataset('val', args.eval_n, families=target_fam
 N, G = args.rollouts, args.group  # sampled per prompt, kept for the update (REST when N > G)
 
 
+def draw(i, items=None):
+    """The prompt with global id i: a fresh world scene, or an epoch-wise permutation of `items` (the
+    dataset, or the ids of the --hard-below pool)."""
+    if items is None and not args.data:
+        return world.sample('train', i, families)
+    items = train_set if items is None else items
+    n = len(items)  # a fresh permutation every epoch
+    return items[np.random.default_rng([args.seed, i // n]).permutation(n)[i % n]]
+
+
 def get_samples(step):
     """This rank's prompts of this step and their global ids: a function of (seed, step, rank)."""
     ids = [(step * world_size + rank) * args.batch + i for i in range(args.batch)]
-    if not args.data:
-        return [world.sample('train', i, families) for i in ids], ids
-    n = len(train_set)  # a fresh permutation every epoch
-    return [train_set[np.random.default_rng([args.seed, i // n]).permutation(n)[i % n]] for i in ids], ids
+    if hard is not None:  # --hard-below: drawn from the pool, each a prompt of the default order
+        return [draw(draw(i, hard)) for i in ids], ids
+    return [draw(i) for i in ids], ids
+
+
+def screen():
+    """--hard-below, once before stage 2 (method §9: REST can only rescue a prompt whose success is rare):
+    K rollouts of each of the first P prompts of the default order from the starting policy, with the
+    rollout and reward code of the training step, and the ids of those solved at a rate below R.
+    Saved to <out>/hard_pool.json; a pool there screened with the same settings is reused (--resume,
+    or a copy shared between runs that start from the same adapter)."""
+    path = os.path.join(args.out, 'hard_pool.json')
+    per = args.batch * world_size  # screened a step's worth at a time: every rank makes the same calls
+    n = args.hard_pool or args.steps * per
+    n = -(-min(n, len(train_set) if args.data else n) // per) * per  # --data: at most one epoch; whole steps
+    settings = dict(init_adapter=args.init_adapter, data=args.data, families=list(families), seed=args.seed,
+                    k=args.hard_k, candidates=n, below=args.hard_below, reward=args.reward, label=not args.no_label,
+                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved['settings'] != settings:
+            sys.exit(f'[train] error: {path} was screened with other settings ({saved["settings"]}); '
+                     f'move it away to screen again')
+        return saved['pool']
+    t0, mine = time.time(), {}
+    for c in tqdm(range(n // per), desc='screening', disable=rank != 0):
+        ids = [(c * world_size + rank) * args.batch + i for i in range(args.batch)]
+        samples = [draw(i) for i in ids]
+        rolls = pipeline.generate(net, proc, samples, template, args.image_size, n=args.hard_k, greedy=False,
+                                  temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                  seed=args.seed, keys=[SCREEN_KEYS + i for i in ids], chunk=args.gen_chunk)
+        for i, r, s in zip(ids, rolls, samples):  # streams apart from the training step's (keys = ids)
+            mine[i] = (s.id, [bool(x['correct']) for _, x in rewards.score_group(
+                r.texts, s, seg, args.stage, (args.image_size,) * 2, coord_mode, key=s.id, accuracy=args.reward,
+                label=not args.no_label)])
+    found = {i: v for part in parallel.gather_objects(mine) for i, v in part.items()}
+    success = torch.tensor([found[i][1] for i in range(n)])                                     # (P, K)
+    keep = rest.hard_prompts(success, args.hard_below).tolist()
+    if not keep:
+        sys.exit(f'[train] error: --hard-below {args.hard_below}: none of the {n} screened prompts is solved '
+                 f'that rarely (pass@{args.hard_k} {rest.pass_at(success, args.hard_k):.2f}); raise it')
+    k8 = min(8, args.hard_k)
+    record = dict(step=0, screen_seconds=time.time() - t0, screen_rollouts=n * args.hard_k, screened=n,
+                  pool_size=len(keep), screened_rate=success.float().mean().item(),
+                  pool_rate=success[keep].float().mean().item(),  # in-sample: the samples that chose the pool
+                  screened_successes=torch.bincount(success.sum(1), minlength=args.hard_k + 1).tolist(),
+                  **{f'screened_pass{k8}': rest.pass_at(success, k8),
+                     f'pool_pass{k8}': rest.pass_at(success[keep], k8)})
+    if rank == 0:
+        print(f'[train] screened {n} prompts x {args.hard_k} rollouts in {record["screen_seconds"]:.0f} s: '
+              f'{len(keep)} solved at a rate < {args.hard_below} (pass@{k8} {record[f"pool_pass{k8}"]:.2f}, '
+              f'all screened {record[f"screened_pass{k8}"]:.2f})')
+        log(record)
+        with open(path + '.tmp', 'w') as f:
+            json.dump(dict(settings=settings, **record, pool=keep,
+                           prompts={i: v for i, v in sorted(found.items())}), f)
+        os.replace(path + '.tmp', path)
+    return keep
 
 
 def save(step):  # --shard: called by every rank (the adapter and optimizer state are gathered whole)
@@ -277,6 +350,9 @@ def stop(signum, frame):  # SIGTERM (what SLURM and Kubernetes send before preem
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+
+SCREEN_KEYS = 1 << 40  # --hard-below: the screening rollouts' sampling streams, apart from training's
+hard = screen() if args.hard_below is not None else None  # ids of the prompts stage 2 draws from
 if args.eval_every and start == 0 and (rank == 0 or args.shard) and val:  # the start of the held-out curve
     log(dict(step=0, val_giou=pipeline.heldout_giou(net, proc, seg, val, template, args.image_size, coord_mode,
                                                     args.max_new_tokens)[0]))
@@ -336,6 +412,8 @@ try:
                       t_update=time.time() - t0 - t_gen - t_rew, **rest.rest_stats(reward, kept, G, success),
                       **{k: float(np.mean([s[k] for s in stats])) if stats else 0.0
                          for k in ('clip_frac', 'kl') + (('entropy',) if args.entropy_coef > 0 else ())})
+        if hard is not None:  # which pool prompts this step trained on (this rank's share)
+            record['pool_prompts'] = [s.id for s in samples]
         if torch.cuda.is_available() and str(args.device).startswith('cuda'):
             record['peak_mem_gb'] = torch.cuda.max_memory_allocated() / 2 ** 30
         if args.eval_every and (step + 1) % args.eval_every == 0 and (rank == 0 or args.shard) and val:

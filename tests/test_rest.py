@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from grpo import group_advantages
-from rest import rest_stats, select
+from rest import hard_prompts, pass_at, rest_stats, select
 
 
 def reference_select(r, m):
@@ -64,6 +64,7 @@ def test_rest_stats_hand_computed():
     assert s['rest_any_success_all'] == 0.5
     assert s['rest_any_success_first_m'] == 0.0
     assert s['rest_flat_groups'] == 0.5
+    assert s['rest_rescued'] == 0.5  # row 0: its one success is sample 5, beyond the first m = 4
     assert s['rest_reward_gap'] == pytest.approx(((9 + 3) / 2 - 0 + 0) / 2)
     # row 0 kept [9, 3, 0, 0]: mean 3, unbiased std sqrt((36 + 0 + 9 + 9) / 3) = sqrt(18); row 1: 0
     std = math.sqrt(18)
@@ -76,3 +77,30 @@ def test_rest_stats_small_groups():
     s = rest_stats(r, select(r, 16), 16, r > 1)
     assert s['rest_reward_gap'] == 0.0 and s['rest_abs_adv'] == 0.0
     assert s['rest_any_success_all'] == 1.0
+
+
+def test_rescued_matches_a_loop_per_prompt():
+    """A prompt is rescued when its first success comes after sample m (brute force over random tables)."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        n, m = int(torch.randint(1, 17, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))
+        success = torch.rand(6, n, generator=g) < 0.15
+        rewards = success.float() + torch.rand(6, n, generator=g)
+        first = [next((k for k in range(n) if success[b, k]), None) for b in range(6)]
+        expected = sum(f is not None and f >= m for f in first) / 6
+        assert rest_stats(rewards, select(rewards, m), m, success)['rest_rescued'] == pytest.approx(expected)
+
+
+def test_hard_prompts_and_pass_at_against_a_loop():
+    """The --hard-below rule: success rate strictly below the threshold, boundaries included."""
+    g = torch.Generator().manual_seed(0)
+    success = torch.rand(40, 8, generator=g) < 0.3
+    success[0], success[1] = False, True
+    success[2] = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)  # rate exactly 1/8
+    for below in (1 / 8, 0.25, 0.5, 1.0, 1e-9):
+        expected = [i for i in range(40) if sum(map(bool, success[i])) / 8 < below]
+        assert hard_prompts(success, below).tolist() == expected
+    assert 2 not in hard_prompts(success, 1 / 8).tolist() and 0 in hard_prompts(success, 1 / 8).tolist()
+    for k in (1, 4, 8):
+        assert pass_at(success, k) == pytest.approx(sum(any(map(bool, success[i, :k])) for i in range(40)) / 40)
+    assert pass_at(torch.tensor([[0, 0, 1], [0, 0, 0]]), 2) == 0.0 and pass_at(torch.zeros(0, 8), 8) == 0.0

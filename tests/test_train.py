@@ -464,3 +464,81 @@ def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     assert msg.startswith('[train] error: saving step 2: cannot write the checkpoint') and 'No space left' in msg
     assert lora.read_lora(os.path.join(out, 'last', 'adapter.safetensors'))[1]['step'] == 1  # the last one stays
     assert not os.path.exists(os.path.join(out, 'last.tmp'))  # the half-written copy is gone
+
+
+def screened_in_process(init, samples, k, max_new_tokens):
+    """The --hard-below screen rebuilt outside train.py: the stage-1 adapter on the base, K sampled
+    rollouts per prompt (streams 2**40 + the prompt's id), stage-2 'correct' per rollout."""
+    import pipeline, rewards, update
+    import segment as S
+    torch.set_num_threads(2)  # as train.py's sandbox preset: the same float sums, the same sampled tokens
+    proc, net = M.load_processor(BASE), M.load_model(BASE, torch.float32, 'cpu')
+    update.setup(net, 'lora', 4, 8, init)
+    template = M.load_template(M.template_name('stage2', True), BASE)
+    rolls = pipeline.generate(net, proc, samples, template, 112, n=k, greedy=False, max_new_tokens=max_new_tokens,
+                              keys=[(1 << 40) + i for i in range(len(samples))])
+    return [[bool(c['correct']) for _, c in rewards.score_group(r.texts, s, S.ColorSegmenter(), 2, (112, 112),
+                                                                 M.default_coord_mode(net))]
+            for r, s in zip(rolls, samples)]
+
+
+def check_pool(out, below, screened):
+    """hard_pool.json keeps exactly the screened prompts solved at a rate < below, and every step trained on
+    pool prompts only."""
+    with open(os.path.join(out, 'hard_pool.json')) as f:
+        saved = json.load(f)
+    prompts = [saved['prompts'][str(i)] for i in range(len(saved['prompts']))]
+    assert len(prompts) == screened == saved['screened']
+    assert saved['pool'] == [i for i, (_, ok) in enumerate(prompts) if sum(ok) / len(ok) < below]
+    pool_ids = {prompts[i][0] for i in saved['pool']}
+    rec = records(out)
+    assert rec[0]['step'] == 0 and rec[0]['pool_size'] == len(saved['pool'])
+    assert all(set(r['pool_prompts']) <= pool_ids for r in rec[1:]) and len(rec) > 1
+    return prompts
+
+
+def test_hard_below_screens_the_stage1_policy_and_trains_on_the_pool(two_steps, tmp_path):
+    """World: 4 prompts screened with 4 rollouts each from the stage-1 adapter; the successes equal an
+    in-process rebuild of the screen, the pool follows the rule, the steps draw from the pool."""
+    out, init = str(tmp_path), os.path.join(two_steps, 'last', 'adapter.safetensors')
+    rl = list(RL)
+    rl[rl.index('--rollouts') + 1] = '8'
+    p = run('--stage', 2, *rl, '--steps', 2, '--init-adapter', init, '--out', out,
+            '--hard-below', 0.5, '--hard-k', 4, '--hard-pool', 3)  # 3 -> 4: whole steps of 2 prompts
+    assert 'screened 4 prompts x 4 rollouts' in p.stdout
+    prompts = check_pool(out, 0.5, 4)
+    from sandbox import world
+    samples = [world.sample('train', i, ('P/F', 'C/KI', 'C/R', 'C/MH')) for i in range(4)]
+    assert [pid for pid, _ in prompts] == [s.id for s in samples]
+    assert [ok for _, ok in prompts] == screened_in_process(init, samples, 4, 60)
+
+
+def test_hard_below_on_a_data_folder(tmp_path):
+    """--data: the screen covers at most the dataset (one epoch), the steps draw from its pool; a pool
+    file screened with other settings is refused in one line, one with the same settings is reused."""
+    from sandbox import world
+    from PIL import Image
+    folder = tmp_path / 'train'
+    folder.mkdir()
+    for i in range(3):  # world scenes as a ReasonSeg folder: jpg + a polygon (the target's box) per target
+        s = world.sample('test', i, ('C/R', 'C/MH'))  # rarely solved by the base: a non-empty pool
+        Image.fromarray(s.image).save(folder / f'{i}.jpg', quality=95)
+        shapes = [{'label': 'target', 'shape_type': 'polygon',
+                   'points': [[x1, y1], [x2, y1], [x2, y2], [x1, y2]]} for x1, y1, x2, y2 in s.boxes.tolist()]
+        with open(folder / f'{i}.json', 'w') as f:
+            json.dump({'text': [s.query], 'is_sentence': False, 'shapes': shapes or [
+                {'label': 'target', 'shape_type': 'polygon', 'points': [[0, 0], [9, 0], [9, 9]]}]}, f)
+    out = str(tmp_path / 'run')
+    flags = ['--stage', 2, *RL, '--steps', 2, '--init-adapter', 'none', '--data', folder, '--hard-k', 2,
+             '--hard-pool', 50]
+    p = run(*flags, '--hard-below', 1.0, '--out', out)
+    assert 'screened 4 prompts x 2 rollouts' in p.stdout  # 3 items -> one epoch, rounded up to whole steps
+    prompts = check_pool(out, 1.0, 4)
+    assert {pid for pid, _ in prompts} == {f'reasonseg/train/{i}' for i in range(3)}
+    other = str(tmp_path / 'other')
+    os.makedirs(other)
+    shutil.copy(os.path.join(out, 'hard_pool.json'), other)
+    p = run(*flags, '--hard-below', 0.9, '--out', other, ok=False)
+    assert 'hard_pool.json was screened with other settings' in p.stderr and 'Traceback' not in p.stderr
+    p = run(*flags, '--hard-below', 1.0, '--out', other, '--steps', 1)
+    assert 'screened' not in p.stdout and records(other)[0]['step'] == 1  # reused: no second screen
