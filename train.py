@@ -70,6 +70,12 @@ a.add_argument('--micro-batch', type=int, default=8, help='rollout rows per forw
 a.add_argument('--shard', action='store_true', help='torchrun: shard the base over the ranks (FSDP2; README)')
 a.add_argument('--gen-chunk', type=int, help='rows (prompts x rollouts) per generate call (paper 64, '
                'sandbox all of a step); the rollouts do not depend on it')
+a.add_argument('--rollout', default='hf', choices=['hf', 'vllm'], help='who samples the rollouts: transformers\' '
+               'generate (hf, default) or a vLLM engine in this process (vllm: README "Rollouts through vLLM")')
+a.add_argument('--vllm-memory', type=float, help='--rollout vllm: the engine\'s share of the GPU (0.3), on CPU the '
+               'share of RAM for its KV cache (0.05)')
+a.add_argument('--vllm-tp', type=int, default=1, help='--rollout vllm: tensor-parallel size of the engine (1); above 1 '
+               'under torchrun, each group of that many ranks shares one engine')
 a.add_argument('--random-init', action='store_true', help='random weights from --model\'s config.json '
                '(smoke tests of a real configuration, nothing to download)')
 a = p.add_argument_group('sandbox only: stage 0 (the tiny base)')
@@ -121,6 +127,12 @@ def check_args():
         bad.append(f'--rollouts {args.rollouts} < --group {args.group}: REST samples N >= the G it keeps')
     if set(families) - set(world.FAMILIES):
         bad.append(f'--families {args.families!r}: each must be one of {",".join(world.FAMILIES)}')
+    if args.rollout == 'vllm' and args.tuning == 'full':
+        bad.append('--rollout vllm serves the LoRA adapter to the engine; --tuning full needs --rollout hf')
+    if args.vllm_memory is not None and not 0 < args.vllm_memory < 1:
+        bad.append(f'--vllm-memory {args.vllm_memory}: must be in (0, 1)')
+    if args.vllm_tp < 1:
+        bad.append(f'--vllm-tp {args.vllm_tp}: must be >= 1')
     if args.shard and args.tuning == 'full':
         bad.append('--shard shards a frozen base for LoRA; --tuning full trains the whole LM (one copy per rank)')
     if args.stage == 0 and (args.preset == 'paper' or args.shard):
@@ -192,6 +204,13 @@ try:  # data, paths and adapters first; each problem ends in one line, not a tra
     if args.shard:
         parallel.shard(net, args.device)
         params = lora.lora_parameters(net)  # the sharded parameters replace the whole ones
+    engine = None
+    if args.rollout == 'vllm' and args.stage > 0:  # after the adapter is set up: the engine takes its dtype
+        import rollout_vllm
+        engine = rollout_vllm.Engine(  # room for the image tokens, ~1k of text and the response
+            base, net, args.vllm_memory or (0.3 if net.device.type == 'cuda' else 0.05), args.vllm_tp,
+            min(net.config.get_text_config().max_position_embeddings,
+                (args.image_size // 28) ** 2 + 1024 + args.max_new_tokens), args.lora_r, args.seed)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
     start = 0
     if args.resume and resumed:
@@ -238,9 +257,16 @@ try:
         samples, ids = get_samples(step)
         # 1. rollouts: N per prompt, sampled with streams seeded by (seed, prompt id, sample index), so
         #    they do not depend on how prompts are sharded over ranks or rows chunked per generate call
-        rolls = pipeline.generate(net, proc, samples, template, args.image_size, n=N, greedy=False,
-                                  temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                  seed=args.seed, keys=ids, chunk=args.gen_chunk)
+        if engine is None:
+            rolls = pipeline.generate(net, proc, samples, template, args.image_size, n=N, greedy=False,
+                                      temperature=args.temperature, top_p=args.top_p,
+                                      max_new_tokens=args.max_new_tokens, seed=args.seed, keys=ids,
+                                      chunk=args.gen_chunk)
+        else:  # the engine gets this step's adapter, then samples; the update below recomputes every log-prob
+            engine.sync(net)
+            rolls = engine.generate(net, proc, samples, template, args.image_size, n=N, greedy=False,
+                                    temperature=args.temperature, top_p=args.top_p,
+                                    max_new_tokens=args.max_new_tokens, seed=args.seed, keys=ids)
         t_gen = time.time() - t0
         # 2. rewards: the N rollouts of a prompt share one image embedding and batched decoder calls
         scored = [rewards.score_group(r.texts, s, seg, args.stage, (args.image_size,) * 2, coord_mode, key=s.id,
