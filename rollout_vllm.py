@@ -34,14 +34,21 @@ def collapse_images(ids, image_token_id):
     return [t for i, t in enumerate(ids) if t != image_token_id or i == 0 or ids[i - 1] != image_token_id]
 
 
+def context_length(net, image_size, max_new_tokens, text=1024):
+    """The engine's longest sequence: the image's tokens (one per 28 x 28 pixels), room for `text` prompt tokens,
+    the response; within what the model's positions allow."""
+    return min(net.config.get_text_config().max_position_embeddings, (image_size // 28) ** 2 + text + max_new_tokens)
+
+
 class Engine:
     """A vLLM engine for `base` (a checkpoint dir), colocated with the policy `net` (its dtype; the tower and
     the LM weights of the checkpoint). memory: on a GPU the engine's share of the GPU (weights, activations and
     KV cache; the policy and its optimizer use the rest), on CPU the share of RAM given to its KV cache.
     tp: tensor-parallel size; above 1 only under torchrun, each group of tp ranks holding one engine.
-    lora_rank: the adapter rank the engine must accept (None: no adapter, base weights only)."""
+    The engine serves adapters when `net` has one (of its rank; sync hands each version over), else the base.
+    max_model_len: context_length(...)."""
 
-    def __init__(self, base, net, memory=0.3, tp=1, max_model_len=4096, lora_rank=None, seed=0):
+    def __init__(self, base, net, memory=0.3, tp=1, max_model_len=4096, seed=0):
         os.environ.setdefault('VLLM_ENABLE_V1_MULTIPROCESSING', '0')  # the engine core runs in this process
         cpu = net.device.type == 'cpu'
         if cpu:  # the engine must not pin this process's threads to cores (it would also pin the trainer's)
@@ -77,6 +84,8 @@ class Engine:
                   tensor_parallel_size=tp, generation_config='vllm',  # the checkpoint's sampling defaults set aside
                   limit_mm_per_prompt={'image': 1, 'video': 0}, logprobs_mode='processed_logprobs',
                   distributed_executor_backend='external_launcher' if distributed else 'uni')
+        mods = lora.lora_modules(net)
+        lora_rank = mods[0][1].r if mods else None
         if lora_rank:
             if lora_rank > LORA_RANKS[-1]:
                 raise ValueError(f'--lora-r {lora_rank}: vLLM serves adapters up to rank {LORA_RANKS[-1]}')

@@ -207,10 +207,9 @@ try:  # data, paths and adapters first; each problem ends in one line, not a tra
     engine = None
     if args.rollout == 'vllm' and args.stage > 0:  # after the adapter is set up: the engine takes its dtype
         import rollout_vllm
-        engine = rollout_vllm.Engine(  # room for the image tokens, ~1k of text and the response
-            base, net, args.vllm_memory or (0.3 if net.device.type == 'cuda' else 0.05), args.vllm_tp,
-            min(net.config.get_text_config().max_position_embeddings,
-                (args.image_size // 28) ** 2 + 1024 + args.max_new_tokens), args.lora_r, args.seed)
+        engine = rollout_vllm.Engine(base, net, args.vllm_memory or (0.3 if net.device.type == 'cuda' else 0.05),
+                                     args.vllm_tp, rollout_vllm.context_length(net, args.image_size,
+                                                                               args.max_new_tokens), args.seed)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
     start = 0
     if args.resume and resumed:

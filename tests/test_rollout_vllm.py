@@ -1,9 +1,10 @@
 """Tests of rollout_vllm.py (--rollout vllm) against transformers' generate on the shipped sandbox base, on CPU:
 greedy outputs equal pipeline.generate's without an adapter, with one and after the adapter changes; the
 engine's log-probs of its sampled tokens equal grpo.token_logprobs (the update's); a row's sample depends on
-(seed, prompt id, sample index) only; train.py --rollout vllm runs 2 steps, moves the adapter, reproducibly.
+(seed, prompt id, sample index) only; train.py --rollout vllm runs 2 steps, moves the adapter, reproducibly;
+eval.py --rollout vllm gives the greedy answers eval.py gives.
 They need vLLM, which lives in its own environment (requirements-vllm.txt; .ci/run builds it):
-  /work/venv-vllm/bin/python -m pytest -q -rs tests/test_rollout_vllm.py
+  .venv-vllm/bin/python -m pytest -q -rs tests/test_rollout_vllm.py
 In the main environment the file skips with one line saying so.
 """
 import json, os, subprocess, sys
@@ -28,7 +29,7 @@ def setup():
     torch.set_num_threads(1)
     net, proc = M.load_policy(BASE)
     lora.apply_lora(net, r=8, alpha=16)
-    engine = rollout_vllm.Engine(BASE, net, memory=0.02, max_model_len=1024, lora_rank=8)
+    engine = rollout_vllm.Engine(BASE, net, memory=0.02, max_model_len=1024)
     return net, proc, M.load_template('stage2', BASE), engine
 
 
@@ -82,8 +83,11 @@ def test_engine_logprobs_equal_the_updates_logprobs(setup):
 def test_a_rows_sample_depends_on_seed_prompt_and_index_only(setup):
     net, proc, template, engine = setup
     samples = world.dataset('val', 4)
-    go = lambda ss, keys, seed=0: [t for r in engine.generate(net, proc, ss, template, SIZE, n=2, greedy=False,  # noqa: E731
-                                                              max_new_tokens=NEW, seed=seed, keys=keys) for t in r.texts]
+    def go(ss, keys, seed=0):
+        rolls = engine.generate(net, proc, ss, template, SIZE, n=2, greedy=False, max_new_tokens=NEW, seed=seed,
+                                keys=keys)
+        return [t for r in rolls for t in r.texts]
+
     whole = go(samples, range(4))
     assert go(samples, range(4)) == whole  # the same seed: the same rollouts
     assert go(samples[:2], [0, 1]) + go(samples[2:], [2, 3]) == whole  # batching does not change them
@@ -122,3 +126,15 @@ def test_train_refuses_full_tuning_with_vllm_in_one_line(tmp_path):
                         '--tuning', 'full', '--out', str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith('[train] error: --rollout vllm')
+
+
+def test_eval_greedy_answers_are_the_same_with_vllm(tmp_path):
+    def answers(rollout):
+        out = tmp_path / rollout
+        p = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), '--model', BASE, '--limit', '6',
+                            '--max-new-tokens', str(NEW), '--vis-n', '0', '--threads', '1', '--rollout', rollout,
+                            '--vllm-memory', '0.02', '--out', str(out)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=400, env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT})
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        return [json.loads(x)['answers'] for x in open(out / 'samples.jsonl')]
+    assert answers('vllm') == answers('hf')
