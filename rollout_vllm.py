@@ -1,6 +1,6 @@
 """rollout_vllm.py: rollouts sampled by a vLLM engine instead of transformers' generate (train.py, eval.py and
 predict.py --rollout vllm). The engine lives in the trainer's own process (no worker processes: scripts need no
-__main__ guard and the adapter moves without a copy over a socket), holds the frozen base, and is handed the
+__main__ guard; with tensor parallelism the torchrun ranks are its workers), holds the frozen base, and is handed the
 current policy before each step's sampling: the LoRA adapter as a new adapter version (PEFT format, a few
 files in a temporary folder). It samples what pipeline.generate samples (method §6): the same prompts token for
 token, temperature and top-p only (the checkpoint's generation_config.json set aside), the same vision tokens
@@ -56,9 +56,10 @@ class Engine:
         try:
             from vllm import LLM
         except ImportError as e:
-            raise RuntimeError(f'--rollout vllm: vllm is not importable here ({e}); README "Rollouts through vLLM" '
-                               'says how to install it') from None
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            raise RuntimeError(f'vllm is not importable here ({e}); README "Rollouts through vLLM" says how to '
+                               'install it') from None
+        distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1  # torchrun's ranks (an engine may have made a
+        # process group of one in this process: that is not a torchrun)
         if tp > 1 and not distributed:
             raise ValueError(f'--vllm-tp {tp}: a tensor-parallel engine needs torchrun with a multiple of {tp} '
                              'processes (each group of ranks holds one engine)')
@@ -139,9 +140,10 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, net, proc, samples, template, image_size, n=1, greedy=True, temperature=1.0, top_p=1.0,
-                 max_new_tokens=2048, seed=0, keys=None, logprobs=False):
+                 max_new_tokens=2048, seed=0, keys=None, chunk=None, logprobs=False):
         """pipeline.generate's contract, sampled by the engine -> [pipeline.Rollouts] per sample. The vision
-        tower runs once per image in `net` too: the update reuses its output (grpo.select_images).
+        tower runs once per image in `net` too: the update reuses its output (grpo.select_images). chunk: unused
+        (the engine schedules its own batches, within its KV cache).
         logprobs: also -> [(n, R) fp32] per sample, the engine's log-probability of each sampled token under
         the distribution it sampled from (temperature, top-p and the excluded tokens applied), 0 past the EOS."""
         from vllm import SamplingParams

@@ -207,9 +207,12 @@ try:  # data, paths and adapters first; each problem ends in one line, not a tra
     engine = None
     if args.rollout == 'vllm' and args.stage > 0:  # after the adapter is set up: the engine takes its dtype
         import rollout_vllm
-        engine = rollout_vllm.Engine(base, net, args.vllm_memory or (0.3 if net.device.type == 'cuda' else 0.05),
-                                     args.vllm_tp, rollout_vllm.context_length(net, args.image_size,
-                                                                               args.max_new_tokens), args.seed)
+        try:
+            engine = rollout_vllm.Engine(base, net, args.vllm_memory or (0.3 if net.device.type == 'cuda' else 0.05),
+                                         args.vllm_tp, rollout_vllm.context_length(net, args.image_size,
+                                                                                   args.max_new_tokens), args.seed)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise RuntimeError(f'--rollout vllm: {e}') from None
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
     start = 0
     if args.resume and resumed:
@@ -256,16 +259,12 @@ try:
         samples, ids = get_samples(step)
         # 1. rollouts: N per prompt, sampled with streams seeded by (seed, prompt id, sample index), so
         #    they do not depend on how prompts are sharded over ranks or rows chunked per generate call
-        if engine is None:
-            rolls = pipeline.generate(net, proc, samples, template, args.image_size, n=N, greedy=False,
-                                      temperature=args.temperature, top_p=args.top_p,
-                                      max_new_tokens=args.max_new_tokens, seed=args.seed, keys=ids,
-                                      chunk=args.gen_chunk)
-        else:  # the engine gets this step's adapter, then samples; the update below recomputes every log-prob
+        if engine is not None:  # --rollout vllm: the engine gets this step's adapter (the update recomputes log-probs)
             engine.sync(net)
-            rolls = engine.generate(net, proc, samples, template, args.image_size, n=N, greedy=False,
-                                    temperature=args.temperature, top_p=args.top_p,
-                                    max_new_tokens=args.max_new_tokens, seed=args.seed, keys=ids)
+        rolls = (engine or pipeline).generate(net, proc, samples, template, args.image_size, n=N, greedy=False,
+                                              temperature=args.temperature, top_p=args.top_p,
+                                              max_new_tokens=args.max_new_tokens, seed=args.seed, keys=ids,
+                                              chunk=args.gen_chunk)
         t_gen = time.time() - t0
         # 2. rewards: the N rollouts of a prompt share one image embedding and batched decoder calls
         scored = [rewards.score_group(r.texts, s, seg, args.stage, (args.image_size,) * 2, coord_mode, key=s.id,

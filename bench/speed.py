@@ -216,16 +216,16 @@ def bench_rollout():
     del net
     d = tiny.build_config_dir(tempfile.mkdtemp(prefix='bench_'), 'qwen2.5-vl-7b', layers=1, vision_layers=1)
     torch.manual_seed(0)
-    net = M.load_model(d, random_init=True)
+    net = M.load_model(d, dtype=torch.bfloat16, random_init=True)  # bf16 as on a GPU: two copies fit in 24 GB
     net.save_pretrained(d)  # the engine reads its weights from disk
     proc = M.load_processor(d)
     lora.apply_lora(net, r=64, alpha=64)  # method §7's adapter
-    rollout_ratio(net, proc, d, ss[:2], 4, 32, '1-layer Qwen2.5-VL-7B (widths 3584 / 18944, vocab 151,936), '
+    rollout_ratio(net, proc, d, ss[:2], 4, 32, '1-layer Qwen2.5-VL-7B (widths 3584 / 18944, vocab 151,936, bf16), '
                   '2 prompts × 4, 32 tokens, LoRA r 64')
 
 def rollout_ratio(net, proc, base, ss, G, new, tag):
     import rollout_vllm
-    engine = rollout_vllm.Engine(base, net, 0.05 if net.device.type == 'cpu' else 0.3,
+    engine = rollout_vllm.Engine(base, net, 0.02 if net.device.type == 'cpu' else 0.3,
                                  max_model_len=rollout_vllm.context_length(net, 112, new))
     engine.sync(net)
     gen = lambda f: f(net, proc, ss, PROMPT, 112, n=G, greedy=False, max_new_tokens=new, keys=range(len(ss)))

@@ -121,11 +121,15 @@ def test_train_two_steps_with_vllm_rollouts_moves_the_adapter_reproducibly(tmp_p
     assert [r['loss'] for r in rec2] == [r['loss'] for r in rec] and all(torch.equal(ad[k], ad2[k]) for k in ad)
 
 
-def test_train_refuses_full_tuning_with_vllm_in_one_line(tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--stage', '1', '--rollout', 'vllm',
-                        '--tuning', 'full', '--out', str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith('[train] error: --rollout vllm')
+@pytest.mark.parametrize('flags, words', [(['--tuning', 'full'], '--rollout vllm serves the LoRA adapter'),
+                                          (['--vllm-memory', '1.5'], '--vllm-memory 1.5: must be in (0, 1)'),
+                                          (['--vllm-tp', '0'], '--vllm-tp 0: must be >= 1')])
+def test_train_refuses_bad_vllm_flags_in_one_line(tmp_path, flags, words):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--stage', '1', '--rollout', 'vllm', *flags,
+                        '--out', str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and last.startswith('[train] error: ') and words in last, p.stderr[-2000:]
+    assert 'Traceback' not in p.stderr
 
 
 def test_eval_greedy_answers_are_the_same_with_vllm(tmp_path):
