@@ -21,7 +21,7 @@ CONFIG_FILE, LOCK_FILE = 'train_config.json', 'train.lock'
 # Flags a resumed run may change: how long, where and how fast it runs, not what a step computes (a changed
 # --lr is said; stage 0's cosine schedule spans --steps, so there a new --steps stretches it).
 FREE = ('resume', 'steps', 'lr', 'out', 'device', 'threads', 'save_every', 'eval_every', 'eval_n', 'micro_batch',
-        'gen_chunk', 'shard', 'skip_bad')
+        'gen_chunk', 'shard', 'skip_bad', 'vllm_memory', 'vllm_tp')
 
 
 def complete(folder):

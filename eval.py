@@ -54,6 +54,12 @@ g.add_argument('--compare', nargs='+', metavar='DIR', help='DIR: after this eval
 g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', metavar='DEV',
                help='torch device (default: cuda if there is one, else cpu)')
 g.add_argument('--shard', action='store_true', help='torchrun: shard the base over the ranks (FSDP2; README)')
+g.add_argument('--rollout', default='hf', choices=['hf', 'vllm'], help='who samples: transformers\' generate (hf, '
+               'default) or a vLLM engine in this process (vllm: README "Rollouts through vLLM")')
+g.add_argument('--vllm-memory', type=float, metavar='F', help='--rollout vllm: the engine\'s share of the GPU '
+               '(default: 0.5), on CPU the share of RAM for its KV cache (default: 0.05)')
+g.add_argument('--vllm-tp', type=int, default=1, metavar='K', help='--rollout vllm: tensor-parallel size; above 1 '
+               'under torchrun, each group of K ranks shares one engine (default: 1)')
 r = p.add_argument_group('paper scale: a real checkpoint, SAM and data')
 r.add_argument('--model', metavar='DIR', help='base checkpoint dir (default: the adapter\'s base, else sandbox/stage0)')
 r.add_argument('--sam', metavar='PATH', help='transformers SAM 2 / 2.1 checkpoint DIR or segment-anything FILE '
@@ -172,7 +178,10 @@ inference.check_ints('eval', [('--vote', args.vote, 1), ('--batch', args.batch, 
                                ('--gen-chunk', args.gen_chunk, 1),
                                ('--limit', args.n, 1, 10 ** 12 if args.data else inference.MOST['--limit']),
                                ('--max-new-tokens', args.max_new_tokens, 1), ('--image-size', args.image_size, 1),
-                               ('--threads', args.threads, 1), ('--seed', args.seed, 0)])
+                               ('--threads', args.threads, 1), ('--seed', args.seed, 0),
+                               ('--vllm-tp', args.vllm_tp, 1)])
+if args.vllm_memory is not None and not 0 < args.vllm_memory < 1:
+    fail(f'--vllm-memory {args.vllm_memory}: must be in (0, 1)')
 ns = parse_curve(args.curve, args.vote)
 N = ns[-1]  # samples drawn per query; every curve point votes on a prefix of them
 for flag, v in (('--temperature', args.temperature), ('--top-p', args.top_p)):  # NaN / inf: garbage answers
@@ -241,6 +250,17 @@ pol = inference.load('eval', base, adapter, meta, args.device, args.image_size, 
 image_size, coord_mode = pol['image_size'], pol['coord_mode']
 max_new = args.max_new_tokens or (inference.SANDBOX_NEW_TOKENS if sandbox else 2048)
 gen_chunk = args.gen_chunk or (None if sandbox else inference.GEN_CHUNK)
+engine = None
+if args.rollout == 'vllm':  # the adapter, if any, is handed to the engine once
+    import rollout_vllm
+    try:
+        share = args.vllm_memory or (0.5 if 'cuda' in str(args.device) else 0.05)
+        engine = rollout_vllm.Engine(base, pol['net'], share, args.vllm_tp,
+                                     rollout_vllm.context_length(pol['net'], image_size, max_new), args.seed)
+        if adapter:
+            engine.sync(pol['net'])
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(f'--rollout vllm: {e}')
 if args.data and not args.sam and rank == 0:
     print('[eval] WARNING: --data without --sam: the colour segmenter only suits the synthetic world')
 if rank == 0:
@@ -257,9 +277,10 @@ if args.shard:  # FSDP2 (loaded sharded); its collectives need every rank to mak
     mine += [(None, mine[-1][1] if mine else [0])] * (len(shard(len(samples), args.batch, 0, world_size)) - len(mine))
 for b, idx in mine:
     chunk = [samples[i] for i in idx]
-    rolls = pipeline.generate(pol['net'], pol['proc'], chunk, pol['template'], image_size, n=N, greedy=N == 1,
-                              temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new, seed=args.seed,
-                              keys=idx, chunk=gen_chunk)  # per-query streams: batches, chunks, ranks change nothing
+    rolls = (engine.generate if engine else pipeline.generate)(  # per-query sampling streams: batching, chunks and
+        pol['net'], pol['proc'], chunk, pol['template'], image_size, n=N, greedy=N == 1,  # ranks change nothing
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new, seed=args.seed, keys=idx,
+        chunk=gen_chunk)
     if b is None:  # --shard: a rerun to keep the ranks in step, not a result
         continue
     texts = [t for r in rolls for t in r.texts]

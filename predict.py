@@ -37,6 +37,8 @@ def main():
     g.add_argument('--seed', type=int, default=0, metavar='S', help='sampling seed under --vote (default: 0)')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', metavar='DEV',
                    help='torch device (default: cuda if there is one, else cpu)')
+    g.add_argument('--rollout', default='hf', choices=['hf', 'vllm'], help='who samples: transformers\' generate '
+                   '(hf, default) or a vLLM engine in this process (vllm: README "Rollouts through vLLM")')
     r = p.add_argument_group('paper scale: a real checkpoint and SAM')
     r.add_argument('--model', metavar='DIR', help='local Qwen2/2.5/3-VL checkpoint dir (default: sandbox/stage0)')
     r.add_argument('--sam', metavar='PATH', help='transformers SAM 2 / 2.1 checkpoint DIR or segment-anything FILE '
@@ -87,10 +89,21 @@ def main():
                args.sam, args.sam_type, args.threads, sandbox=args.model is None)
     H, W = image.shape[:2]
     sample = data.Sample(id=args.image, image=image, query=args.query, masks=np.zeros((0, H, W), bool))
-    texts = pipeline.generate(pol['net'], pol['proc'], [sample], pol['template'], pol['image_size'], n=args.vote,
-                              greedy=args.vote == 1, top_p=0.9, seed=args.seed, max_new_tokens=args.max_new_tokens
-                              or (SANDBOX_NEW_TOKENS if args.model is None else 2048),
-                              chunk=args.gen_chunk or (None if args.model is None else GEN_CHUNK))[0].texts
+    max_new = args.max_new_tokens or (SANDBOX_NEW_TOKENS if args.model is None else 2048)
+    generate = pipeline.generate
+    if args.rollout == 'vllm':  # the adapter, if any, is handed to the engine
+        import rollout_vllm
+        try:
+            engine = rollout_vllm.Engine(base, pol['net'], 0.5 if 'cuda' in str(args.device) else 0.05, 1,
+                                         rollout_vllm.context_length(pol['net'], pol['image_size'], max_new), args.seed)
+            if adapter:
+                engine.sync(pol['net'])
+        except (OSError, ValueError, RuntimeError) as e:
+            fail('predict', f'--rollout vllm: {e}')
+        generate = engine.generate
+    texts = generate(pol['net'], pol['proc'], [sample], pol['template'], pol['image_size'], n=args.vote,
+                     greedy=args.vote == 1, top_p=0.9, seed=args.seed, max_new_tokens=max_new,
+                     chunk=args.gen_chunk or (None if args.model is None else GEN_CHUNK))[0].texts
     answers = pipeline.segment_answers(pol['seg'], sample, texts, pol['image_size'], pol['coord_mode'])
     pred, layers, _, reason = combine(answers, args.vote, shape=(H, W))
     print(f'[predict] {base} + {adapter or "no adapter"} | {W}x{H} image, model input {pol["image_size"]}')

@@ -75,6 +75,12 @@ a.add_argument('--micro-batch', type=int, default=8, help='rollout rows per forw
 a.add_argument('--shard', action='store_true', help='torchrun: shard the base over the ranks (FSDP2; README)')
 a.add_argument('--gen-chunk', type=int, help='rows (prompts x rollouts) per generate call (paper 64, '
                'sandbox all of a step); the rollouts do not depend on it')
+a.add_argument('--rollout', default='hf', choices=['hf', 'vllm'], help='who samples the rollouts: transformers\' '
+               'generate (hf, default) or a vLLM engine in this process (vllm: README "Rollouts through vLLM")')
+a.add_argument('--vllm-memory', type=float, help='--rollout vllm: the engine\'s share of the GPU (0.3), on CPU the '
+               'share of RAM for its KV cache (0.05)')
+a.add_argument('--vllm-tp', type=int, default=1, help='--rollout vllm: tensor-parallel size of the engine (1); above 1 '
+               'under torchrun, each group of that many ranks shares one engine')
 a.add_argument('--random-init', action='store_true', help='random weights from --model\'s config.json '
                '(smoke tests of a real configuration, nothing to download)')
 a = p.add_argument_group('sandbox only: stage 0 (the tiny base)')
@@ -90,7 +96,7 @@ a.add_argument('--attr-coef', type=float, default=0.0, help='stage 0: weight of 
 LIMITS = dict(steps=10 ** 7, save_every=10 ** 7, eval_every=10 ** 7, warmup=10 ** 7, vision_steps=10 ** 7,
               batch=4096, group=4096, rollouts=4096, micro_batch=4096, gen_chunk=4096, eval_n=4096, lora_r=1024,
               threads=1024, max_new_tokens=32768, image_size=3584, seed=2 ** 32 - 1, hard_k=1024,
-              hard_pool=10 ** 7)  # integers: the most
+              hard_pool=10 ** 7, vllm_tp=1024)  # integers: the most
 RANGES = dict(lr=(0, 1), wd=(0, 1), clip_eps=(0, 1), kl_coef=(0, 10), entropy_coef=(0, 10), attr_coef=(0, 100),
               lora_alpha=(0, 65536), temperature=(0, 10), top_p=(0, 1), guess_frac=(0, 1), fact_frac=(0, 1))  # floats
 ABOVE = ('lr', 'lora_alpha', 'temperature', 'top_p')  # must exceed their low end; the others may equal it
@@ -145,6 +151,10 @@ def check_args():
         bad.append(f'--rollouts {args.rollouts} < --group {args.group}: REST samples N >= the G it keeps')
     if set(families) - set(world.FAMILIES):
         bad.append(f'--families {args.families!r}: each must be one of {",".join(world.FAMILIES)}')
+    if args.rollout == 'vllm' and args.tuning == 'full':
+        bad.append('--rollout vllm serves the LoRA adapter to the engine; --tuning full needs --rollout hf')
+    if args.vllm_memory is not None and not 0 < args.vllm_memory < 1:
+        bad.append(f'--vllm-memory {args.vllm_memory}: must be in (0, 1)')
     if args.shard and args.tuning == 'full':
         bad.append('--shard shards a frozen base for LoRA; --tuning full trains the whole LM (one copy per rank)')
     if args.stage == 0 and (args.preset == 'paper' or args.shard):
@@ -237,6 +247,15 @@ try:  # data, paths and adapters first; each problem ends in one line, not a tra
     seg = S.load_segmenter(args.sam, args.sam_type, args.device) if args.sam else S.ColorSegmenter()
     if str(args.device).startswith('cuda'):
         lora.enable_checkpointing(net)
+    engine = None
+    if args.rollout == 'vllm' and args.stage > 0:  # after the adapter is set up: the engine takes its dtype
+        import rollout_vllm
+        try:
+            engine = rollout_vllm.Engine(base, net, args.vllm_memory or (0.3 if net.device.type == 'cuda' else 0.05),
+                                         args.vllm_tp, rollout_vllm.context_length(net, args.image_size,
+                                                                                   args.max_new_tokens), args.seed)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise RuntimeError(f'--rollout vllm: {e}') from None
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
     # a save writes the new checkpoint beside the last one: a disk too small is said now, not at the first save
     checkpoint.check_space(args.out, sum(q.numel() * q.element_size() for q in (
@@ -366,9 +385,12 @@ try:
         samples, ids = get_samples(step)
         # 1. rollouts: N per prompt, sampled with streams seeded by (seed, prompt id, sample index), so
         #    they do not depend on how prompts are sharded over ranks or rows chunked per generate call
-        rolls = pipeline.generate(net, proc, samples, template, args.image_size, n=N, greedy=False,
-                                  temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                  seed=args.seed, keys=ids, chunk=args.gen_chunk)
+        if engine is not None:  # --rollout vllm: the engine gets this step's adapter (the update recomputes log-probs)
+            engine.sync(net)
+        rolls = (engine or pipeline).generate(net, proc, samples, template, args.image_size, n=N, greedy=False,
+                                              temperature=args.temperature, top_p=args.top_p,
+                                              max_new_tokens=args.max_new_tokens, seed=args.seed, keys=ids,
+                                              chunk=args.gen_chunk)
         t_gen = time.time() - t0
         # 2. rewards: the N rollouts of a prompt share one image embedding and batched decoder calls
         scored = [rewards.score_group(r.texts, s, seg, args.stage, (args.image_size,) * 2, coord_mode, key=s.id,

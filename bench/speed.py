@@ -3,6 +3,7 @@ way on identical inputs, run side by side (interleaved, medians over repeats) so
 alike; each comparison also checks both sides agree. 1 rewards: one SAM encode per image + one decoder
 batch vs set_image per rollout (method §4). 2 voting: one Gram matrix vs a per-pair loop (§10). 3 GRPO step:
 KL reference = adapters off vs a model copy (§6). 4 LoRA vs full fine-tuning (§7). 5 rollouts in one generate call.
+7 rollouts by a vLLM engine vs generate (--rollout vllm; run in the vLLM environment, requirements-vllm.txt).
 6 sandbox wall times from runs/*/log.jsonl. bench/scale.py has the figures at the real model's sizes, and
 bench/memory.py the memory of --shard. A measurement, not a test:
 OMP_NUM_THREADS=1 nice -n 19 python -m bench.speed [--quick] [--only reward,vote,...]"""
@@ -195,6 +196,44 @@ def bench_generate():
         f'{"yes" if same else "**no**"}',
         f'{t_all:.1f} s (one generate call)', f'{t_one:.1f} s (a call per prompt)', f'{t_one / t_all:.1f}×')
 
+def bench_rollout():
+    """7. rollout throughput, a vLLM engine (--rollout vllm) vs generate on the same prompts and settings: the
+    sandbox step, and one layer of Qwen2.5-VL-7B at its real widths and vocabulary (random weights: every row
+    runs to the token budget). Needs the vLLM environment (requirements-vllm.txt)."""
+    try:
+        import rollout_vllm, vllm  # noqa: F401
+    except ImportError:
+        add('7. rollout throughput, vLLM vs generate', 'not measured: vllm is not installed here (run this figure in '
+            'the vLLM environment, requirements-vllm.txt)')
+        return
+    from sandbox import tiny
+    net, proc = M.load_policy('sandbox/stage0')
+    lora.apply_lora(net, r=16, alpha=32)  # the sandbox's adapter, non-zero: the engine serves it as trained
+    for _, m in lora.lora_modules(net):
+        m.lora_B.data.normal_(0, 0.02)
+    ss, G = world.dataset('train', 8, families=('P/F', 'C/KI', 'C/R', 'C/MH')), 8 if Q else 16
+    rollout_ratio(net, proc, 'sandbox/stage0', ss, G, 160, f'sandbox step, 8 prompts × {G}, shipped base + adapter')
+    del net
+    d = tiny.build_config_dir(tempfile.mkdtemp(prefix='bench_'), 'qwen2.5-vl-7b', layers=1, vision_layers=1)
+    torch.manual_seed(0)
+    net = M.load_model(d, dtype=torch.bfloat16, random_init=True)  # bf16 as on a GPU: two copies fit in 24 GB
+    net.save_pretrained(d)  # the engine reads its weights from disk
+    proc = M.load_processor(d)
+    lora.apply_lora(net, r=64, alpha=64)  # method §7's adapter
+    rollout_ratio(net, proc, d, ss[:2], 4, 32, '1-layer Qwen2.5-VL-7B (widths 3584 / 18944, vocab 151,936, bf16), '
+                  '2 prompts × 4, 32 tokens, LoRA r 64')
+
+def rollout_ratio(net, proc, base, ss, G, new, tag):
+    import rollout_vllm
+    engine = rollout_vllm.Engine(base, net, 0.02 if net.device.type == 'cpu' else 0.3,
+                                 max_model_len=rollout_vllm.context_length(net, 112, new))
+    engine.sync(net)
+    gen = lambda f: f(net, proc, ss, PROMPT, 112, n=G, greedy=False, max_new_tokens=new, keys=range(len(ss)))
+    (t_hf, t_vl), (hf, vl) = race([lambda: gen(pipeline.generate), lambda: gen(engine.generate)], 1 if Q else 2)
+    tok = lambda rolls: sum(int(r.mask.sum()) for r in rolls)  # generated tokens up to and incl. the first EOS
+    add(f'7. rollout throughput, {tag}', f'{tok(vl) / t_vl:.0f} tokens/s (vLLM engine, {tok(vl)} tokens)',
+        f'{tok(hf) / t_hf:.0f} tokens/s (generate, {tok(hf)} tokens)', f'{tok(vl) * t_hf / (tok(hf) * t_vl):.2f}×')
+
 def bench_logs():
     for st in (0, 1, 2):
         f = f'runs/stage{st}/log.jsonl'  # skip a line still being written; a re-run step counts once (its last)
@@ -246,4 +285,4 @@ def run(figures, description):
 
 if __name__ == '__main__':
     run(dict(reward=bench_reward, vote=bench_vote, grpo=bench_grpo, lora=bench_lora, generate=bench_generate,
-             logs=bench_logs), __doc__.split('\n')[0])
+             rollout=bench_rollout, logs=bench_logs), __doc__.split('\n')[0])
