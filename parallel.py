@@ -2,8 +2,9 @@
 number of nodes): joining the process group, and the few collectives the scripts use, each checking
 that its tensor is on this rank's device (NCCL only takes GPU tensors: a CPU scalar handed to it
 stops the first step, while a CPU-only gloo test would never notice). With --shard, the base is
-sharded over the ranks with PyTorch's FSDP2 (`shard`), and the adapter and optimizer state are
-gathered whole for checkpoints and cut back into shards on resume.
+sharded over the ranks with PyTorch's FSDP2 (`shard`), loaded so without any rank holding it whole
+(`load_sharded`), gathered once per generate call rather than per token (`gathered`), and the adapter and
+optimizer state are gathered whole for checkpoints and cut back into shards on resume.
 Tested by: python -m pytest tests/test_train.py -k "ddp or collective"; tests/test_shard.py
 """
 import contextlib, glob, os, sys

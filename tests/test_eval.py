@@ -155,7 +155,8 @@ def test_bad_flags_are_one_line_before_any_model(tmp_path, monkeypatch):
                         (['--vote', 4, '--temperature', 0], '--temperature 0'), (['--vis-n', -1], '--vis-n -1'),
                         (['--max-new-tokens', 0], '--max-new-tokens 0'), (['--sam', tmp_path / 'x.pth'], '--sam'),
                         (['--prompt-file', tmp_path / 'p.txt'], '--prompt-file'),
-                        (['--compare', 'a', 'b', 'c'], '--compare takes one folder')]:
+                        (['--compare', 'a', 'b', 'c'], '--compare takes one folder'),
+                        (['--gen-chunk', 0], '--gen-chunk 0')]:
         assert words in probe(argv + out, monkeypatch)
     open(tmp_path / 'file', 'w').close()
     assert 'is a file' in probe(['--out', tmp_path / 'file', '--limit', 2], monkeypatch)

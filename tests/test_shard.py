@@ -5,7 +5,9 @@ trains and checkpoints like the unsharded one.
     still makes its passes, which add nothing); the checkpoint a sharded run writes resumes exactly;
   - README's multi-node command, as 2 one-process "nodes" on this machine (HSDP: replicated x sharded);
   - eval.py --shard == 1 process, with a rank that reruns a batch to keep in step;
-  - train.py --shard end to end: 2 steps equal the 1-process run, resume is exact.
+  - train.py --shard end to end: 2 steps equal the 1-process run, resume is exact;
+  - the real path: the sharded load (parallel.load_sharded) gives the whole model's weights with each rank holding
+    its shards, and generate gathers each unit once per call (not per token) with unchanged rollouts.
 gloo has every collective FSDP2 uses here (all-gather, reduce-scatter, all-reduce); parallel.shard asks for a
 plain SUM, as NCCL's PREMUL_SUM (FSDP's default with a divide factor) is not in gloo.
 Run: python -m pytest tests/test_shard.py (about 6 min on 2 cores)
