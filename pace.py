@@ -10,7 +10,7 @@ import statistics
 
 FIRST, RECENT, FACTOR = 3, 2, 3.0  # reference: steps 2-4 (step 1 warms up); warn at 3x over the last 2
 # --threads 1 against 2, stage-1 sandbox steps (2 prompts x 8 rollouts) side by side beside CPU hogs on the 2-core
-# machine (load average 15-19): 17.0 / 16.9 s against 392.7 / 376.8 s for the same rollouts (README "Measured speed")
+# machine (load average 13-19): 17.0 / 17.0 / 7.5 s against 393.9 / 376.9 / 127.2 s, the same rollouts (README)
 ONE_THREAD = 'about 20x faster per step'
 
 
