@@ -118,7 +118,7 @@ def overlay(path, image, layers, query, think='', gt=None, ignore=None, iou=None
     import vote
     wrap = 60 if gt is None else 120  # characters: predict's 2 panels are narrower than eval's 3
     foot = [(t, 'black') for t in textwrap.wrap(f'think: {shorten(think, 220)}', wrap)[:2]
-            + textwrap.wrap(note, wrap)[:2] + textwrap.wrap(vote.explain(note), wrap)] + \
+            + textwrap.wrap(note, wrap)[:4] + textwrap.wrap(vote.explain(note), wrap)] + \
         legend(layers)[:12] + [(t, 'black') for t in textwrap.wrap(key, wrap)]
     fig, axes = _figure(2 if gt is None else 3, H / W, len(head) + len(foot))
     shown = [(img, f'image ({W}×{H})')]
