@@ -34,8 +34,8 @@ def test_train_warns_once_when_its_steps_slow_down(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(time, 'time', lambda: clock['now'])
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, 'argv', ['train.py', '--stage', '1', '--model', BASE, '--preset', 'sandbox',
-                                      '--batch', '1', '--group', '2', '--rollouts', '2', '--lora-r', '2', '--lora-alpha', '4',
-                                      '--max-new-tokens', '8', '--eval-every', '0', '--steps', '8', '--threads', '2',
+                                      '--batch', '1', '--group', '2', '--rollouts', '2', '--lora-r', '2',
+                                      '--lora-alpha', '4', '--max-new-tokens', '8', '--eval-every', '0', '--steps', '8', '--threads', '2',
                                       '--out', str(tmp_path)])
     threads = torch.get_num_threads()
     try:
