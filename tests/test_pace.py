@@ -35,8 +35,8 @@ def test_train_warns_once_when_its_steps_slow_down(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, 'argv', ['train.py', '--stage', '1', '--model', BASE, '--preset', 'sandbox',
                                       '--batch', '1', '--group', '2', '--rollouts', '2', '--lora-r', '2',
-                                      '--lora-alpha', '4', '--max-new-tokens', '8', '--eval-every', '0', '--steps', '8', '--threads', '2',
-                                      '--out', str(tmp_path)])
+                                      '--lora-alpha', '4', '--max-new-tokens', '8', '--eval-every', '0', '--steps', '8',
+                                      '--threads', '2', '--out', str(tmp_path)])
     threads = torch.get_num_threads()
     try:
         runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
