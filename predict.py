@@ -116,7 +116,8 @@ def main():
         print(f'vote: {reason}')
     unparsable = all(objs is None for objs, _, _ in answers[:args.vote])  # no answer at all, not "no object"
     os.makedirs(args.out, exist_ok=True)
-    vis.overlay(f'{stem}.png', image, layers, args.query, texts[0], note=reason, unparsable=unparsable)
+    note = '; '.join(x for x in (reason, different and f'WARNING: image unlike the sandbox world: {different}') if x)
+    vis.overlay(f'{stem}.png', image, layers, args.query, texts[0], note=note, unparsable=unparsable)
     vis.save_mask(pred, f'{stem}_mask.png')
     result = f'{int(pred.sum())} px predicted' if pred.any() else 'no answer' if unparsable else 'no object'
     print(f'[predict] {result} | wrote {stem}.png (overlay), {stem}_mask.png')

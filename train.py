@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint, data, grpo, lora, parallel, pipeline, rest, rewards, update, vis
+import checkpoint, data, grpo, lora, pace, parallel, pipeline, rest, rewards, update, vis
 from sandbox import warmup, world
 import model as M
 import segment as S
@@ -374,10 +374,12 @@ SCREEN_KEYS = 1 << 40  # --hard-below: the screening rollouts' sampling streams,
 hard = screen() if args.hard_below is not None else None  # ids of the prompts stage 2 draws from
 if args.eval_every and start == 0 and (rank == 0 or args.shard) and val:  # the start of the held-out curve
     log(dict(step=0, val_giou=pipeline.heldout_giou(net, proc, seg, val, template, args.image_size, coord_mode,
-                                                    args.max_new_tokens)[0]))
+                                                    args.max_new_tokens)[0],
+             val_queries=f'{len(val)} held-out queries: {", ".join(target_families)}'))  # curves.png says which
 net.train()
 signal.signal(signal.SIGTERM, stop)
 done = saved = start  # steps finished, steps in the last checkpoint
+paces, warned = [], False  # seconds per decoding step, against this run's first steps (pace.py)
 try:
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f'stage {args.stage}',
                      disable=rank != 0):
@@ -445,6 +447,16 @@ try:
                 tqdm.write(f"step {step + 1}: reward {record['reward']:.2f} correct {record['correct']:.2f} "
                            f"val gIoU {record['val_giou']:.3f} | {example[:70]}")
         log(record)
+        paces.append(pace.pace(t_gen, max(int(r.mask.sum(1).max()) for r in rolls)))
+        slow = None if warned else pace.slowdown(paces)
+        if slow and rank == 0:  # once: a busy machine, not the model, is what makes this run slow
+            warned, cpu = True, not str(args.device).startswith('cuda')
+            tqdm.write(f'[train] WARNING: step {step + 1} ran {slow:.0f}x slower per generated token than this '
+                       f'run\'s first steps: the machine looks oversubscribed (load average {os.getloadavg()[0]:.1f} '
+                       f'on {os.cpu_count()} cores)' + (
+                           f'. With {torch.get_num_threads()} threads a busy CPU costs far more than its share: '
+                           f'--threads 1 ran {pace.ONE_THREAD} here beside a CPU hog (README "Measured speed")'
+                           if cpu and torch.get_num_threads() > 1 else ''), file=sys.stderr)
         done = step + 1
         if (rank == 0 or args.shard) and (done % args.save_every == 0 or done == args.steps):
             saved = save_or_stop(done)

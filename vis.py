@@ -118,7 +118,7 @@ def overlay(path, image, layers, query, think='', gt=None, ignore=None, iou=None
     import vote
     wrap = 60 if gt is None else 120  # characters: predict's 2 panels are narrower than eval's 3
     foot = [(t, 'black') for t in textwrap.wrap(f'think: {shorten(think, 220)}', wrap)[:2]
-            + textwrap.wrap(note, wrap)[:2] + textwrap.wrap(vote.explain(note), wrap)] + \
+            + textwrap.wrap(note, wrap)[:4] + textwrap.wrap(vote.explain(note), wrap)] + \
         legend(layers)[:12] + [(t, 'black') for t in textwrap.wrap(key, wrap)]
     fig, axes = _figure(2 if gt is None else 3, H / W, len(head) + len(foot))
     shown = [(img, f'image ({W}×{H})')]
@@ -174,7 +174,7 @@ def plot_curve(curve, path, title):
 
 # ------------------------------------------------------------------ training curves
 CURVES = [('reward', 'reward (mean over rollouts)'), ('accuracy', 'accuracy reward'),
-          ('val_giou', 'held-out gIoU (greedy)'), ('resp_len', 'response length (tokens)'),
+          ('val_giou', 'held-out gIoU, % (greedy)'), ('resp_len', 'response length (tokens)'),
           ('loss', 'loss')]
 
 
@@ -231,12 +231,16 @@ def plot_training_curves(log_jsonl_path, out_png):
                 continue
             key, title = keys[col]
             pts = np.array([(r['step'], r[key]) for r in recs if isinstance(r.get(key), (int, float))], float)
-            if key == 'val_giou':
-                ax.plot(pts[:, 0], pts[:, 1], marker='o', ms=4, color=color, label=name)
+            which = next((r['val_queries'] for r in recs if r.get('val_queries')), '')
+            if key == 'val_giou':  # in % from 0 to 100, as eval's tables: a 0.8-point drift looks like one
+                ax.plot(pts[:, 0], 100 * pts[:, 1], marker='o', ms=4, color=color, label=name)
+                ax.set_ylim(0, 100)
+                title += f'\n{which}' if which else ''  # stage 1 and stage 2 check different queries
             else:
                 ax.plot(pts[:, 0], pts[:, 1], color=color, alpha=0.25, lw=0.8)
                 ax.plot(pts[:, 0], _smooth(pts[:, 1], len(pts) // 20), color=color, lw=1.8, label=name)
-            ax.set(title=f'{name}: {title}', xlabel='step')
+            ax.set_title(f'{name}: {title}', fontsize=10)
+            ax.set_xlabel('step')
             ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png)

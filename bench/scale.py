@@ -86,4 +86,5 @@ def bench_smoke():
 
 
 if __name__ == '__main__':
-    run(dict(logprob=bench_logprob, vision=bench_vision, smoke=bench_smoke), __doc__.split(' A measurement, not a test')[0])
+    run(dict(logprob=bench_logprob, vision=bench_vision, smoke=bench_smoke),
+        __doc__.split(' A measurement, not a test')[0])

@@ -33,7 +33,8 @@ p.add_argument('--max-new-tokens', type=int, default=2048, help='response length
                'of it (default: 2048)')
 p.add_argument('--sam-type', default=None, choices=['vit_b', 'vit_l', 'vit_h', 'none'],
                help='a random SAM of this size; none: the colour segmenter (default: vit_h on a GPU, none on CPU)')
-p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device (default: cuda if there is one, else cpu)')
+p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+               help='torch device (default: cuda if there is one, else cpu)')
 p.add_argument('--out', default=None, help='work dir, kept (default: a temp dir, deleted at the end)')
 p.add_argument('extra', nargs='*', help='more train.py flags after --, e.g. -- --micro-batch 4 --gen-chunk 32')
 args = p.parse_args()

@@ -98,6 +98,7 @@ def run(args, config, ckpt, log, prompt):
         rec = dict(step=step + 1, loss=loss.item(), lr=opt.param_groups[0]['lr'], grad_norm=gnorm.item(),
                    sec=time.time() - t0, **rec)
         if args.eval_every and (step + 1) % args.eval_every == 0:
+            rec['val_queries'] = f'{len(val)} held-out queries: explicit'  # curves.png says which
             rec['val_giou'], rec['val_example'] = pipeline.heldout_giou(
                 net, proc, seg, val, template, args.image_size, 'pixel', args.max_new_tokens)
             tqdm.write(f"step {step + 1}: loss {rec['loss']:.3f} val gIoU {rec['val_giou']:.3f} | "

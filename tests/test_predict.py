@@ -207,15 +207,18 @@ def test_training_curves_plot_every_stage_and_keep_the_last_record_per_step(tmp_
         for step in [1, 2, 3, 2, 3, 4]:  # resumed after step 3 from the step-1 checkpoint: steps 2, 3 again
             f.write(json.dumps(dict(step=step, reward=float(step), accuracy=step / 10, correct=0.5, resp_len=40 + step,
                                     **({'val_giou': 0.3} if step == 4 else {}))) + '\n')
+        f.write(json.dumps(dict(step=0, val_giou=0.25, val_queries='64 held-out queries: P/F, C/KI')) + '\n')
         f.write('{"step": 5, "rew')  # a line cut by a kill
     logs = [tmp_path / 'stage0' / 'log.jsonl', tmp_path / 'stage2' / 'log.jsonl']
     fig = vis.plot_training_curves(logs, tmp_path / 'curves.png')
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
-    assert titles == ['stage 0: held-out gIoU (greedy)', 'stage 0: loss', 'stage 2: reward (mean over rollouts)',
-                      'stage 2: accuracy reward', 'stage 2: held-out gIoU (greedy)',
+    assert titles == ['stage 0: held-out gIoU, % (greedy)', 'stage 0: loss', 'stage 2: reward (mean over rollouts)',
+                      'stage 2: accuracy reward', 'stage 2: held-out gIoU, % (greedy)\n64 held-out queries: P/F, C/KI',
                       'stage 2: response length (tokens)']
-    val0, reward2 = fig.axes[0], fig.axes[4]  # row 0 has 4 panels, two of them hidden
-    assert list(val0.lines[0].get_xdata()) == [2, 4] and list(val0.lines[0].get_ydata()) == pytest.approx([0.2, 0.4])
+    val0, reward2, val2 = fig.axes[0], fig.axes[4], fig.axes[6]  # row 0 has 4 panels, two of them hidden
+    assert list(val0.lines[0].get_xdata()) == [2, 4] and list(val0.lines[0].get_ydata()) == pytest.approx([20, 40])
+    assert list(val2.lines[0].get_ydata()) == pytest.approx([25, 30])  # in %, as eval's tables
+    assert val0.get_ylim() == val2.get_ylim() == (0, 100)  # not auto-scaled: a small drift looks small
     raw = reward2.lines[0]  # stage 2's per-step rewards: one per step, the resumed values
     assert list(raw.get_xdata()) == [1, 2, 3, 4] and list(raw.get_ydata()) == [1, 2, 3, 4]
     assert vis._smooth(np.array([1.0, 2, 3, 10]), 1) == pytest.approx([1.5, 2, 5, 6.5])  # fewer points at the ends

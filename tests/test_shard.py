@@ -222,8 +222,8 @@ def test_sharded_eval_equals_one_process(plain, tmp_path):
 
 
 # ----------------------------------------------------------------------------- train.py --shard
-# --threads 1: one thread per rank. The sandbox preset's 2 per rank would put 4 spinning compute threads on
-# a 2-core machine, and every FSDP all-gather waits for the slowest of them (its steps ran about 2x slower here under load)
+# --threads 1: one thread per rank. The sandbox preset's 2 per rank would put 4 spinning compute threads on a
+# 2-core machine, and every FSDP all-gather waits for the slowest of them (its steps ran ~2x slower here under load)
 RL = ['--stage', 1, '--model', BASE, '--preset', 'sandbox', '--group', 4, '--rollouts', 4, '--lora-r', 4,
       '--lora-alpha', 8, '--max-new-tokens', 60, '--eval-every', 2, '--eval-n', 2, '--lr', 1e-3, '--save-every', 1,
       '--threads', 1]
