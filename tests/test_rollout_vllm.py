@@ -1,7 +1,8 @@
 """Tests of rollout_vllm.py (--rollout vllm) against transformers' generate on the shipped sandbox base, on CPU:
 greedy outputs equal pipeline.generate's without an adapter, with one and after the adapter changes; the
 engine's log-probs of its sampled tokens equal grpo.token_logprobs (the update's); a row's sample depends on
-(seed, prompt id, sample index) only; train.py --rollout vllm runs 2 steps, moves the adapter, reproducibly;
+(seed, prompt id, sample index) only; train.py --rollout vllm runs 2 steps, moves the adapter, reproducibly,
+and under torchrun with --shard and a tensor-parallel engine (--vllm-tp 2);
 eval.py --rollout vllm gives the greedy answers eval.py gives.
 They need vLLM, which lives in its own environment (requirements-vllm.txt; .ci/run builds it):
   .venv-vllm/bin/python -m pytest -q -rs tests/test_rollout_vllm.py
@@ -100,9 +101,10 @@ def test_collapse_images_keeps_one_placeholder_per_image():
     assert rollout_vllm.collapse_images(ids, 6) == [1, 3, 6, 4, 9, 3, 6, 4]
 
 
-def train(out, *extra):
+def train(out, *extra, torchrun=False):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false', 'PYTHONPATH': ROOT}
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--stage', '1', '--model', BASE,
+    ranks = ['-m', 'torch.distributed.run', '--nproc_per_node', '2'] if torchrun else []
+    p = subprocess.run([sys.executable, *ranks, os.path.join(ROOT, 'train.py'), '--stage', '1', '--model', BASE,
                         '--preset', 'sandbox', '--steps', '2', '--batch', '2', '--group', '4', '--rollouts', '4',
                         '--lora-r', '4', '--lora-alpha', '8', '--max-new-tokens', '60', '--eval-every', '0',
                         '--lr', '1e-3', '--threads', '1', '--rollout', 'vllm', '--vllm-memory', '0.02',
@@ -119,6 +121,13 @@ def test_train_two_steps_with_vllm_rollouts_moves_the_adapter_reproducibly(tmp_p
     assert any(v.abs().sum() > 0 for k, v in ad.items() if k.endswith('lora_B'))  # B starts at 0: it moved
     rec2, ad2 = train(tmp_path / 'b')
     assert [r['loss'] for r in rec2] == [r['loss'] for r in rec] and all(torch.equal(ad[k], ad2[k]) for k in ad)
+
+
+def test_train_under_torchrun_samples_from_a_tensor_parallel_engine(tmp_path):
+    """2 ranks, the base sharded (--shard), one engine split over both (--vllm-tp 2, gloo on CPU)."""
+    rec, ad = train(tmp_path, '--shard', '--vllm-tp', '2', torchrun=True)
+    assert [r['step'] for r in rec] == [1, 2] and all(torch.isfinite(torch.tensor(r['loss'])) for r in rec)
+    assert any(v.abs().sum() > 0 for k, v in ad.items() if k.endswith('lora_B'))
 
 
 @pytest.mark.parametrize('flags, words', [(['--tuning', 'full'], '--rollout vllm serves the LoRA adapter'),
