@@ -16,7 +16,10 @@ SANDBOX_BASE, SANDBOX_THREADS, SANDBOX_NEW_TOKENS = 'sandbox/stage0', 1, 160
 # The most an integer flag of eval.py / predict.py may ask (--help says it): past it a value cannot fit a machine.
 MOST = {'--vote': 1024, '--batch': 4096, '--max-new-tokens': 32768, '--image-size': 3584, '--threads': 1024,
         '--seed': 2 ** 32 - 1, '--vis-n': 10 ** 6, '--limit': 10 ** 4}  # --limit: the synthetic test is built in memory
-LIMITS_HELP = 'integer flags are at most: ' + '; '.join(f'{k} {v:,}' for k, v in MOST.items() if k != '--limit')
+
+
+def limits_help(*flags):
+    return 'integer flags are at most: ' + '; '.join(f'{k} {MOST[k]:,}' for k in flags)
 
 
 def check_ints(tool, values):
