@@ -77,8 +77,10 @@ r.add_argument('--max-new-tokens', type=int, metavar='T',
 s = p.add_argument_group('sandbox (no --model): sandbox/stage0 + the newest runs/stage{2,1} adapter, synthetic test')
 s.add_argument('--threads', type=int, metavar='K', help=f'CPU threads (default: {inference.SANDBOX_THREADS} in the '
                'sandbox, fixed: same command, same numbers; torch\'s own with --model)')
-p.add_argument_group('limits', inference.LIMITS_HELP + f'; --limit {inference.MOST["--limit"]:,} on the synthetic '
-                   'test (built in memory)')
+p.add_argument_group('limits', inference.limits_help('--vote', '--batch', '--vis-n', '--max-new-tokens',
+                                                     '--image-size', '--threads', '--seed', '--gen-chunk',
+                                                     '--vllm-tp') +
+                     f'; --limit {inference.MOST["--limit"]:,} on the synthetic test (built in memory)')
 p.error = lambda msg: p.exit(2, f'[eval] error: {msg} (python eval.py --help)\n')  # one line, not the usage
 args = p.parse_args()
 

@@ -21,7 +21,10 @@ GEN_CHUNK = 64
 MOST = {'--vote': 1024, '--batch': 4096, '--max-new-tokens': 32768, '--image-size': 3584, '--threads': 1024,
         '--seed': 2 ** 32 - 1, '--vis-n': 10 ** 6, '--limit': 10 ** 4,
         '--gen-chunk': 1 << 16, '--vllm-tp': 1024}  # --limit: the synthetic test is built in memory
-LIMITS_HELP = 'integer flags are at most: ' + '; '.join(f'{k} {v:,}' for k, v in MOST.items() if k != '--limit')
+
+
+def limits_help(*flags):
+    return 'integer flags are at most: ' + '; '.join(f'{k} {MOST[k]:,}' for k in flags)
 
 
 def check_ints(tool, values):

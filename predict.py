@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 import data, pipeline, vis
-from inference import (GEN_CHUNK, LIMITS_HELP, SANDBOX_NEW_TOKENS, SANDBOX_THREADS, check_ints, check_out, combine,
-                       fail, load, resolve)
+from inference import (GEN_CHUNK, SANDBOX_NEW_TOKENS, SANDBOX_THREADS, check_ints, check_out, combine, fail,
+                       limits_help, load, resolve)
 from sandbox import world
 
 
@@ -55,7 +55,8 @@ def main():
     s = p.add_argument_group('sandbox (no --model): sandbox/stage0 + the newest runs/stage{2,1} adapter, colour '
                              'segmenter (flat-coloured images)')
     s.add_argument('--threads', type=int, metavar='K', help=f'CPU threads (default: {SANDBOX_THREADS} in the sandbox)')
-    p.add_argument_group('limits', LIMITS_HELP)
+    p.add_argument_group('limits', limits_help('--vote', '--max-new-tokens', '--image-size', '--threads', '--seed',
+                                               '--gen-chunk'))
     p.error = lambda msg: p.exit(2, f'[predict] error: {msg} (python predict.py --help)\n')  # one line, no usage
     args = p.parse_args()
     check_ints('predict', [('--vote', args.vote, 1), ('--max-new-tokens', args.max_new_tokens, 1),

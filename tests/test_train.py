@@ -230,7 +230,8 @@ def test_bad_input_gives_one_clear_line(two_steps, tmp_path):
     assert "'P/F,riddles'" in p.stderr and 'Traceback' not in p.stderr
     shutil.copytree(two_steps, tmp_path / 'r4', ignore=shutil.ignore_patterns('*.tmp', '*.old'))
     p = run('--stage', 1, *rl, '--steps', 3, '--out', str(tmp_path / 'r4'), '--resume', ok=False)  # another rank
-    assert 'r=4' in p.stderr and 'Traceback' not in p.stderr
+    assert '--lora-r 8 but the checkpoint' in p.stderr and 'trained with --lora-r 4' in p.stderr  # before it loads
+    assert 'Traceback' not in p.stderr
 
 
 def test_paper_preset_on_a_tiny_base_keeps_its_input_side(tmp_path):
