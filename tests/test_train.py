@@ -208,7 +208,8 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     (['--steps', -3], '--steps -3: must be >= 1'), (['--batch', 0], '--batch 0'), (['--lora-r', 0], '--lora-r 0'),
     (['--temperature', 0], '--temperature 0'), (['--save-every', 0], '--save-every 0'),
     (['--rollouts', 2, '--group', 4], '--rollouts 2 < --group 4'), (['--top-p', 1.5], '--top-p 1.5'),
-    (['--image-size', 13], '--image-size 13: must be a multiple of 28'), (['--out', 'README.md'], 'is a file')])
+    (['--image-size', 13], '--image-size 13: must be a multiple of 28'), (['--out', 'README.md'], 'is a file'),
+    (['--hard-below', 0.5], 'for --stage 2'), (['--hard-k', 0], '--hard-k 0: must be >= 1')])
 def test_bad_flags_stop_before_any_work(flags, words):
     p = run('--stage', 1, '--model', BASE, *flags, ok=False)
     assert words in p.stderr and 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) <= 3
