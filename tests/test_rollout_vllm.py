@@ -4,7 +4,7 @@ engine's log-probs of its sampled tokens equal grpo.token_logprobs (the update's
 (seed, prompt id, sample index) only; train.py --rollout vllm runs 2 steps, moves the adapter, reproducibly,
 and under torchrun with --shard and a tensor-parallel engine (--vllm-tp 2);
 eval.py --rollout vllm gives the greedy answers eval.py gives.
-They need vLLM, which lives in its own environment (requirements-vllm.txt; .ci/run builds it):
+They need vLLM, which lives in its own environment (requirements-vllm.txt; `bash .ci/vllm-env` builds it):
   .venv-vllm/bin/python -m pytest -q -rs tests/test_rollout_vllm.py
 In the main environment the file skips with one line saying so.
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 pytest.importorskip('vllm', reason='vllm is not installed: these tests run in the vLLM environment '
-                                   '(requirements-vllm.txt, see .ci/run)')
+                                   '(bash .ci/vllm-env builds it)')
 
 import grpo, lora, pipeline, rollout_vllm
 import model as M
