@@ -295,6 +295,7 @@ def test_floats_limits_and_training_folders_are_one_line_before_any_model(tmp_pa
                         (['--out', run_dir / 'last' / 'eval'], f'inside the training run {run_dir}'),
                         (['--save-vis', run_dir / 'vis'], f'--save-vis {run_dir / "vis"}: inside the training run')]:
         assert words in probe(out + argv, monkeypatch)
+    capsys.readouterr()  # drop what the probes printed (e.g. the untrained-base warning)
     monkeypatch.setattr(sys, 'argv', ['eval.py', '--limit', '1e12'])
     with pytest.raises(SystemExit):  # argparse's own errors are one line too, not the usage
         runpy.run_path(os.path.join(ROOT, 'eval.py'), run_name='__main__')
