@@ -126,8 +126,8 @@ def loading():
     r = {m: [json.load(open(os.path.join(tmp, f'load-{m}{k}.json'))) for k in (0, 1)] for m in ('whole', 'sharded')}
     cell = lambda m, key: ' / '.join(f'{x[key]:.0f}' for x in r[m])  # noqa: E731
     lines = [f'| loading for --shard, 2 CPU ranks (gloo), tiny 8 x 1,024 ({size:.0f} MB of bf16 weights, read as '
-             'fp32), MB per rank (rank 0 / rank 1) | each rank reads its slices (`parallel.load_sharded`) | each rank loads the whole, '
-             'then shards |', '|---|---|---|']
+             'fp32), MB per rank (rank 0 / rank 1) | each rank reads its slices (`parallel.load_sharded`) | '
+             'each rank loads the whole, then shards |', '|---|---|---|']
     for key, name in (('anon', 'peak private memory while loading (tensors: on a GPU, device memory)'),
                       ('file', 'peak file-backed memory while loading (checkpoint pages: one page cache per node)'),
                       ('held', 'parameters held after loading (shards, lm_head and embeddings whole, LoRA)')):
