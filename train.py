@@ -161,7 +161,8 @@ def check_args():
         bad.append('--stage 0 trains the tiny sandbox base, whole; a real Qwen-VL (or --shard) starts at --stage 1')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         bad.append(f'--out {args.out}: is a file')
-    if args.resume and not any(checkpoint.complete(os.path.join(args.out, 'last' + x)) for x in ('', '.tmp', '.old')):
+    # nothing at all to resume (a last/ that is incomplete or a file is refused by checkpoint.check_folder, below)
+    if args.resume and not any(os.path.exists(os.path.join(args.out, 'last' + x)) for x in ('', '.tmp', '.old')):
         bad.append(f'--resume: no checkpoint in {args.out} to continue (it would start anew): leave out --resume, '
                    'or give the --out of the run to continue')
     if bad:
