@@ -254,15 +254,7 @@ max_new = args.max_new_tokens or (inference.SANDBOX_NEW_TOKENS if sandbox else 2
 gen_chunk = args.gen_chunk or (None if sandbox else inference.GEN_CHUNK)
 engine = None
 if args.rollout == 'vllm':  # the adapter, if any, is handed to the engine once
-    import rollout_vllm
-    try:
-        share = args.vllm_memory or (0.5 if 'cuda' in str(args.device) else 0.05)
-        engine = rollout_vllm.Engine(base, pol['net'], share, args.vllm_tp,
-                                     rollout_vllm.context_length(pol['net'], image_size, max_new), args.seed)
-        if adapter:
-            engine.sync(pol['net'])
-    except (OSError, ValueError, RuntimeError) as e:
-        fail(f'--rollout vllm: {e}')
+    engine = inference.vllm_engine('eval', pol, base, adapter, args.vllm_memory, args.vllm_tp, max_new, args.seed)
 if args.data and not args.sam and rank == 0:
     print('[eval] WARNING: --data without --sam: the colour segmenter only suits the synthetic world')
 if rank == 0:

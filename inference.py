@@ -51,6 +51,22 @@ def check_out(tool, folder, flag='--out'):
         fail(tool, f'{flag} {folder}: cannot write there ({e.strerror or e})')
 
 
+def vllm_engine(tool, pol, base, adapter, share, tp, max_new_tokens, seed):
+    """--rollout vllm for eval.py / predict.py: an engine (rollout_vllm.Engine) holding `base`, handed the adapter
+    once when there is one; its errors are one line. share: the GPU share, None for the default (0.5 on a GPU,
+    0.05 of the RAM on a CPU)."""
+    import rollout_vllm  # only here: vLLM lives in its own environment
+    net = pol['net']
+    try:
+        engine = rollout_vllm.Engine(base, net, share or (0.5 if net.device.type == 'cuda' else 0.05), tp,
+                                     rollout_vllm.context_length(net, pol['image_size'], max_new_tokens), seed)
+        if adapter:
+            engine.sync(net)
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(tool, f'--rollout vllm: {e}')
+    return engine
+
+
 def fail(tool, msg):
     sys.exit(f'[{tool}] error: {msg}')
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 import data, pipeline, vis
 from inference import (GEN_CHUNK, SANDBOX_NEW_TOKENS, SANDBOX_THREADS, check_ints, check_out, combine, fail,
-                       limits_help, load, resolve)
+                       limits_help, load, resolve, vllm_engine)
 from sandbox import world
 
 
@@ -93,15 +93,7 @@ def main():
     max_new = args.max_new_tokens or (SANDBOX_NEW_TOKENS if args.model is None else 2048)
     generate = pipeline.generate
     if args.rollout == 'vllm':  # the adapter, if any, is handed to the engine
-        import rollout_vllm
-        try:
-            engine = rollout_vllm.Engine(base, pol['net'], 0.5 if 'cuda' in str(args.device) else 0.05, 1,
-                                         rollout_vllm.context_length(pol['net'], pol['image_size'], max_new), args.seed)
-            if adapter:
-                engine.sync(pol['net'])
-        except (OSError, ValueError, RuntimeError) as e:
-            fail('predict', f'--rollout vllm: {e}')
-        generate = engine.generate
+        generate = vllm_engine('predict', pol, base, adapter, None, 1, max_new, args.seed).generate
     texts = generate(pol['net'], pol['proc'], [sample], pol['template'], pol['image_size'], n=args.vote,
                      greedy=args.vote == 1, top_p=0.9, seed=args.seed, max_new_tokens=max_new,
                      chunk=args.gen_chunk or (None if args.model is None else GEN_CHUNK))[0].texts
